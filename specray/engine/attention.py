@@ -1,0 +1,155 @@
+"""Attention dispatch: per-step metadata, the backend interface, and the dense torch reference backend.
+
+`AttentionMetadata` owns the per-step index tensors that map a flat token batch onto the paged KV
+cache. A backend's `forward` writes the step's new K/V into the cache (`slot_mapping`) and returns
+attention of each query token over its sequence's keys `0 .. seq_len-1`, causal by position, with an
+optional sliding window (key j visible to the query at position i iff i - W < j <= i).
+
+Backends: `TorchAttentionBackend` (dense fp32 reference, any device; the test oracle) and
+`TritonAttentionBackend` (CUDA: Triton split-KV paged decode, SDPA for prefill chunks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from specray.engine.kv_cache import KVCache
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token
+    page_tables: torch.Tensor  # [S, P] int32
+    seq_lens: torch.Tensor  # [S] int32: K/V length after this step's tokens are written
+    query_start_loc: torch.Tensor  # [S+1] int32
+    decode_only: bool  # every sequence has exactly one query token
+    # host copies (empty under CUDA-graph replay, where only the tensors are used)
+    seq_lens_cpu: list[int]
+    query_start_loc_cpu: list[int]
+
+
+class AttentionBackend(Protocol):
+    def forward(
+        self,
+        layer: int,
+        q: torch.Tensor,  # [T, Hq, D]
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor: ...  # [T, Hq, D]
+
+
+def write_kv(cache: KVCache, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    kc, vc = cache.k[layer], cache.v[layer]
+    kc.view(-1, *kc.shape[2:]).index_copy_(0, slots, k.to(kc.dtype))
+    vc.view(-1, *vc.shape[2:]).index_copy_(0, slots, v.to(vc.dtype))
+
+
+def gather_kv(cache: KVCache, layer: int, page_row: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[seq_len, Hkv, D] keys and values of one sequence, in position order."""
+    ps = cache.spec.page_size
+    n_pages = -(-seq_len // ps)
+    kc, vc = cache.k[layer], cache.v[layer]
+    pages = page_row[:n_pages].long()
+    k = kc[pages].reshape(-1, *kc.shape[2:])[:seq_len]
+    v = vc[pages].reshape(-1, *vc.shape[2:])[:seq_len]
+    return k, v
+
+
+def visibility_mask(q_pos: torch.Tensor, seq_len: int, window: int | None) -> torch.Tensor:
+    """[n_q, seq_len] bool: True where the key is visible to the query."""
+    kpos = torch.arange(seq_len, device=q_pos.device)
+    mask = kpos[None, :] <= q_pos[:, None]
+    if window is not None:
+        mask &= kpos[None, :] > q_pos[:, None] - window
+    return mask
+
+
+def dense_attention(
+    q: torch.Tensor,  # [n_q, Hq, D]
+    k: torch.Tensor,  # [L, Hkv, D]
+    v: torch.Tensor,  # [L, Hkv, D]
+    mask: torch.Tensor,  # [n_q, L] bool
+    scale: float,
+) -> torch.Tensor:  # [n_q, Hq, D] fp32
+    n_q, Hq, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    qf = q.float().view(n_q, Hkv, G, D).permute(1, 2, 0, 3)  # [Hkv, G, n_q, D]
+    kf = k.float().permute(1, 0, 2)  # [Hkv, L, D]
+    vf = v.float().permute(1, 0, 2)
+    scores = torch.einsum("hgqd,hkd->hgqk", qf, kf) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("hgqk,hkd->hgqd", probs, vf)  # [Hkv, G, n_q, D]
+    return out.permute(2, 0, 1, 3).reshape(n_q, Hq, D)
+
+
+class TorchAttentionBackend:
+    """Reference: gathers each sequence's pages and runs dense fp32 attention (loop over sequences)."""
+
+    def __init__(self, cache: KVCache):
+        self.cache = cache
+
+    def forward(self, layer, q, k, v, meta, scale, sliding_window):
+        write_kv(self.cache, layer, k, v, meta.slot_mapping)
+        out = torch.empty_like(q)
+        qsl = meta.query_start_loc_cpu
+        for s, seq_len in enumerate(meta.seq_lens_cpu):
+            a, b = qsl[s], qsl[s + 1]
+            ks, vs = gather_kv(self.cache, layer, meta.page_tables[s], seq_len)
+            q_pos = torch.arange(seq_len - (b - a), seq_len, device=q.device)
+            mask = visibility_mask(q_pos, seq_len, sliding_window)
+            out[a:b] = dense_attention(q[a:b], ks, vs, mask, scale).to(q.dtype)
+        return out
+
+
+class TritonAttentionBackend:
+    """CUDA: decode-only steps use the Triton split-KV paged kernel (CUDA-graph safe); steps with
+    prefill chunks run torch SDPA per sequence over its gathered pages."""
+
+    def __init__(self, cache: KVCache, num_q_heads: int, max_batch_size: int, max_model_len: int):
+        from specray.kernels.paged_decode import PagedDecodeAttention, choose_num_splits
+
+        self.cache = cache
+        spec = cache.spec
+        dev = cache.k[0].device
+        num_sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 8
+        self._decoders: dict[int, PagedDecodeAttention] = {}
+        self._make = lambda bs: PagedDecodeAttention(
+            bs, num_q_heads, spec.num_kv_heads, spec.head_dim,
+            choose_num_splits(bs, spec.num_kv_heads, max_model_len, num_sms=num_sms), dev,
+        )
+        self.max_batch_size = max_batch_size
+
+    def decoder_for(self, batch_size: int):
+        if batch_size not in self._decoders:
+            self._decoders[batch_size] = self._make(batch_size)
+        return self._decoders[batch_size]
+
+    def forward(self, layer, q, k, v, meta, scale, sliding_window):
+        write_kv(self.cache, layer, k, v, meta.slot_mapping)
+        if meta.decode_only:
+            dec = self.decoder_for(q.shape[0])
+            out, _ = dec.run(q, self.cache.k[layer], self.cache.v[layer], meta.page_tables, meta.seq_lens,
+                             scale, sliding_window)
+            return out
+        out = torch.empty_like(q)
+        qsl = meta.query_start_loc_cpu
+        for s, seq_len in enumerate(meta.seq_lens_cpu):
+            a, b = qsl[s], qsl[s + 1]
+            ks, vs = gather_kv(self.cache, layer, meta.page_tables[s], seq_len)
+            q_pos = torch.arange(seq_len - (b - a), seq_len, device=q.device)
+            mask = visibility_mask(q_pos, seq_len, sliding_window)
+            o = F.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1),
+                attn_mask=mask, scale=scale, enable_gqa=True,
+            )  # [Hq, n_q, D]
+            out[a:b] = o.transpose(0, 1)
+        return out

@@ -1,0 +1,248 @@
+"""`LLMEngine`: the in-process engine. add_request / step / abort over a continuous batch.
+
+Owns the loaded model, the paged KV cache, the scheduler and the live `Sequence`s by request id.
+Each `step()` schedules a batch, runs one forward (prefill chunks and decodes together), samples,
+applies stop conditions (EOS, stop token ids, stop strings, max_tokens, max_model_len) and returns
+a `RequestOutput` for every sequence that produced a token or finished.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import torch
+
+from specray.config import EngineConfig
+from specray.engine.attention import TorchAttentionBackend, TritonAttentionBackend
+from specray.engine.kv_cache import KVCache, KVCacheSpec, PageAllocator, num_pages_for, pages_needed
+from specray.engine.model_runner import ModelRunner
+from specray.engine.sampler import Sampler
+from specray.engine.sampling_params import SamplingParams
+from specray.engine.scheduler import Scheduler
+from specray.engine.sequence import RequestOutput, Sequence, SequenceStatus
+from specray.errors import PromptTooLongError, RequestError
+from specray.models.arch import ModelArch
+from specray.models.checkpoint import Checkpoint
+from specray.models.decoder import DecoderLM
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(cfg: EngineConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RequestError("device='cuda' was asked for, but no CUDA device is available")
+    return torch.device(cfg.device)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None):
+        from specray.models.loader import load_checkpoint
+
+        self.config = config
+        self.device = resolve_device(config)
+        self.dtype = _DTYPES.get(config.dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        want_tok = not config.skip_tokenizer_init and config.tokenizer is None
+        ckpt = checkpoint if checkpoint is not None else load_checkpoint(config.model, load_tokenizer=want_tok)
+        self.checkpoint = ckpt
+        self.tokenizer = ckpt.tokenizer if not config.skip_tokenizer_init else None
+        if config.tokenizer is not None and not config.skip_tokenizer_init:
+            self.tokenizer = load_checkpoint(config.tokenizer).tokenizer
+        self.arch = ModelArch.from_hf_config(ckpt.hf_config)
+        self.max_model_len = config.scheduler.max_model_len or self.arch.max_position_embeddings
+        eos = set(ckpt.generation.eos_token_ids) | set(self.arch.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+
+        self.model = DecoderLM.empty(self.arch, self.max_model_len + 1, self.dtype, self.device)
+        self.model.load_weights(ckpt.weights)
+        self.model.eval()
+
+        page_size = config.cache.page_size
+        spec = KVCacheSpec.of(self.arch, page_size, self.dtype)
+        self.cache = KVCache(spec, num_pages_for(spec, config.cache, self.device), self.device)
+        self.allocator = PageAllocator(self.cache.num_pages)
+        self.scheduler = Scheduler(config.scheduler, self.allocator, page_size)
+        backend_name = config.attention_backend
+        if backend_name == "auto":
+            backend_name = "triton" if self.device.type == "cuda" else "torch"
+        max_bs = config.scheduler.max_num_seqs
+        if backend_name == "triton":
+            self.backend = TritonAttentionBackend(self.cache, self.arch.num_heads, max_bs, self.max_model_len)
+        else:
+            self.backend = TorchAttentionBackend(self.cache)
+        gen = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.sampler = Sampler(gen)
+        graph_sizes = ()
+        if self.device.type == "cuda" and config.cuda_graphs and backend_name == "triton":
+            graph_sizes = tuple(b for b in config.cuda_graph_batch_sizes if b <= max_bs)
+        self.runner = ModelRunner(self.model, self.cache, self.backend, self.sampler, self.max_model_len, graph_sizes)
+        self.seqs: dict[str, Sequence] = {}
+
+    # ---- requests ------------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("this engine has no tokenizer: pass prompt token ids")
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        if self.tokenizer is None:
+            raise RequestError("this engine has no tokenizer: chat needs one")
+        return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages), add_special_tokens=False)
+
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None
+    ) -> None:
+        params = params or SamplingParams()
+        if request_id in self.seqs:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        ids = self.encode(prompt)
+        if not ids:
+            raise RequestError("the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.arch.vocab_size]
+        if bad:
+            raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.arch.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt has {len(ids)} tokens, but max_model_len is {self.max_model_len}: "
+                f"at most {self.max_model_len - 1} prompt tokens leave room for one generated token"
+            )
+        need = pages_needed(len(ids) + 1, self.cache.spec.page_size)
+        if need > self.allocator.num_usable:
+            raise PromptTooLongError(
+                f"the prompt has {len(ids)} tokens and needs {need} KV pages, but the cache has only "
+                f"{self.allocator.num_usable} pages of {self.cache.spec.page_size} tokens"
+            )
+        max_out = self.max_model_len - len(ids)
+        if params.max_tokens is not None:
+            max_out = min(max_out, params.max_tokens)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        seq = Sequence(request_id, ids, params, max_out, generator)
+        seq.metrics.num_prompt_tokens = len(ids)
+        if self.tokenizer is not None:
+            from specray.engine.detokenizer import IncrementalDetokenizer
+
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its pages at once. Returns False if it is unknown or finished."""
+        seq = self.seqs.pop(request_id, None)
+        if seq is None or seq.finished:
+            return False
+        self.scheduler.finish(seq, "abort")
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ---- one step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        outputs: list[RequestOutput] = []
+        for seq in batch.out_of_pages:
+            self.scheduler.finish(seq, "length")
+            outputs.append(self._output(seq, []))
+        if batch.empty:
+            return outputs
+        now = time.monotonic()
+        for seq in batch.seqs:
+            if seq.metrics.first_scheduled_time is None:
+                seq.metrics.first_scheduled_time = now
+        sampled = self.runner.execute(batch)
+        for seq, n, token in zip(batch.seqs, batch.num_new_tokens, sampled, strict=True):
+            seq.num_computed += n
+            if token is None:
+                continue
+            self._append_token(seq, token)
+            outputs.append(self._output(seq, [token]))
+        for seq in [s for s in batch.seqs if s.finished]:
+            self.seqs.pop(seq.request_id, None)
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int) -> None:
+        now = time.monotonic()
+        seq.output_ids.append(token)
+        seq.metrics.num_output_tokens = len(seq.output_ids)
+        if seq.metrics.first_token_time is None:
+            seq.metrics.first_token_time = now
+        params = seq.params
+        reason: str | None = None
+        if not params.ignore_eos and token in self.eos_token_ids:
+            reason, seq.stop_reason = "stop", token
+        elif token in params.stop_token_ids:
+            reason, seq.stop_reason = "stop", token
+        if seq.detokenizer is not None:
+            from specray.engine.detokenizer import find_stop
+
+            delta = seq.detokenizer.append([token])
+            text = seq.detokenizer.text
+            if reason is None and params.stop and delta:
+                cut = find_stop(text, len(delta), params.stop, params.include_stop_str_in_output)
+                if cut is not None:
+                    reason = "stop"
+                    seq.stop_reason = next(
+                        (s for s in params.stop if text.startswith(s, cut) or text[:cut].endswith(s)), None
+                    )
+                    text = text[:cut]
+            seq.text = text
+        if reason is None and len(seq.output_ids) >= seq.max_output_tokens:
+            reason = "length"
+        if reason is not None:
+            seq.metrics.finished_time = now
+            self.scheduler.finish(seq, reason)
+
+    def _output(self, seq: Sequence, new_ids: list[int]) -> RequestOutput:
+        text = seq.text
+        if not seq.finished and seq.params.stop:
+            from specray.engine.detokenizer import stop_holdback
+
+            text = text[: len(text) - stop_holdback(text, seq.params.stop)]
+        delta = text[seq.sent_text_len :] if len(text) > seq.sent_text_len else ""
+        seq.sent_text_len = max(seq.sent_text_len, len(text))
+        return RequestOutput(
+            request_id=seq.request_id, prompt_token_ids=seq.prompt_ids, token_ids=list(seq.output_ids),
+            new_token_ids=new_ids, text=text, delta_text=delta, finished=seq.finished,
+            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, metrics=seq.metrics,
+        )
+
+    # ---- convenience ---------------------------------------------------------------------------
+    def generate(
+        self, prompts: Iterable[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
+        """Run prompts to completion (offline batch); outputs in prompt order."""
+        prompts = list(prompts)
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"gen-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+        for rid, p, sp in zip(ids, prompts, plist, strict=True):
+            self.add_request(rid, p, sp)
+        final: dict[str, RequestOutput] = {}
+        while len(final) < len(ids):
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+            if not self.has_unfinished_requests() and len(final) < len(ids):
+                raise RuntimeError("engine stopped with unfinished requests")
+        return [final[r] for r in ids]
+
+    def pages_in_use(self) -> int:
+        return self.allocator.num_used
+
+    def running_request_ids(self) -> list[str]:
+        return [s.request_id for s in self.seqs.values() if s.status is SequenceStatus.RUNNING]

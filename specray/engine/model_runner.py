@@ -1,0 +1,159 @@
+"""Model runner: turns a scheduled batch into one forward pass, and samples the next tokens.
+
+Owns the device-side step inputs (flat `input_ids [T]`, `positions [T]`, `slot_mapping [T]`, page
+tables `[S, P]`, `seq_lens [S]`), and on CUDA the captured decode graphs with their static buffers,
+one graph per batch size in `cuda_graph_batch_sizes` (a batch is padded up to the next size;
+padding rows write into the scratch page).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specray.engine.attention import AttentionBackend, AttentionMetadata
+from specray.engine.kv_cache import SCRATCH_PAGE, KVCache, pages_needed
+from specray.engine.sampler import Sampler
+from specray.engine.scheduler import ScheduledBatch
+from specray.models.decoder import DecoderLM
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: DecoderLM,
+        cache: KVCache,
+        backend: AttentionBackend,
+        sampler: Sampler,
+        max_model_len: int,
+        graph_batch_sizes: tuple[int, ...] = (),
+    ):
+        self.model = model
+        self.cache = cache
+        self.backend = backend
+        self.sampler = sampler
+        self.page_size = cache.spec.page_size
+        self.device = cache.k[0].device
+        self.max_pages = pages_needed(max_model_len, self.page_size)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graph_batch_sizes = tuple(sorted(graph_batch_sizes))
+        if self.graph_batch_sizes:
+            self._capture_graphs()
+
+    # ---- inputs --------------------------------------------------------------------------------
+    def _host_inputs(self, batch: ScheduledBatch):
+        ps = self.page_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        qsl = [0]
+        seq_lens: list[int] = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            start = seq.num_computed
+            ids += seq.token_slice(start, start + n)
+            pos = range(start, start + n)
+            positions += pos
+            slots += [seq.pages[p // ps] * ps + p % ps for p in pos]
+            qsl.append(qsl[-1] + n)
+            seq_lens.append(start + n)
+        width = max(len(s.pages) for s in batch.seqs)
+        table = [s.pages + [SCRATCH_PAGE] * (width - len(s.pages)) for s in batch.seqs]
+        return ids, positions, slots, qsl, seq_lens, table
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> list[int | None]:
+        """Run the batch; return the sampled token for each sequence whose tokens are all computed
+        after this step (None for a sequence still in the middle of its prefill)."""
+        sample_rows = [
+            i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True))
+            if s.num_computed + n == s.num_tokens
+        ]
+        if batch.decode_only and self._graph_size(len(batch.seqs)) is not None:
+            logits = self._replay(batch)
+        else:
+            logits = self._eager(batch, sample_rows)
+        if not sample_rows:
+            return [None] * len(batch.seqs)
+        seqs = [batch.seqs[i] for i in sample_rows]
+        tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
+        result: list[int | None] = [None] * len(batch.seqs)
+        for i, t in zip(sample_rows, tokens, strict=True):
+            result[i] = t
+        return result
+
+    def _eager(self, batch: ScheduledBatch, sample_rows: list[int]) -> torch.Tensor:
+        ids, positions, slots, qsl, seq_lens, table = self._host_inputs(batch)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            page_tables=torch.tensor(table, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            decode_only=batch.decode_only,
+            seq_lens_cpu=seq_lens,
+            query_start_loc_cpu=qsl,
+        )
+        hidden = self.model(
+            torch.tensor(ids, dtype=torch.int64, device=dev),
+            torch.tensor(positions, dtype=torch.int64, device=dev),
+            self.backend,
+            meta,
+        )
+        last = torch.tensor([qsl[i + 1] - 1 for i in sample_rows], dtype=torch.int64, device=dev)
+        return self.model.compute_logits(hidden[last])
+
+    # ---- CUDA graphs ---------------------------------------------------------------------------
+    def _graph_size(self, bs: int) -> int | None:
+        for size in self.graph_batch_sizes:
+            if size >= bs:
+                return size
+        return None
+
+    def _capture_graphs(self) -> None:
+        max_bs = self.graph_batch_sizes[-1]
+        dev = self.device
+        self.g_ids = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self.g_pos = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self.g_slots = torch.zeros(max_bs, dtype=torch.int64, device=dev)  # slot 0: scratch page
+        self.g_table = torch.zeros(max_bs, self.max_pages, dtype=torch.int32, device=dev)
+        self.g_seq_lens = torch.ones(max_bs, dtype=torch.int32, device=dev)
+        self.g_logits: dict[int, torch.Tensor] = {}
+        pool = None
+        for bs in reversed(self.graph_batch_sizes):
+            meta = AttentionMetadata(
+                slot_mapping=self.g_slots[:bs], page_tables=self.g_table[:bs], seq_lens=self.g_seq_lens[:bs],
+                query_start_loc=torch.arange(bs + 1, dtype=torch.int32, device=dev), decode_only=True,
+                seq_lens_cpu=[], query_start_loc_cpu=[],
+            )
+
+            def run(bs=bs, meta=meta) -> torch.Tensor:
+                hidden = self.model(self.g_ids[:bs], self.g_pos[:bs], self.backend, meta)
+                return self.model.compute_logits(hidden)
+
+            with torch.inference_mode():
+                run()  # warm-up: compiles kernels, allocates workspaces outside the graph
+                torch.cuda.synchronize(dev)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.g_logits[bs] = run()
+            pool = graph.pool()
+            self.graphs[bs] = graph
+        torch.cuda.synchronize(dev)
+
+    def _replay(self, batch: ScheduledBatch) -> torch.Tensor:
+        bs = len(batch.seqs)
+        size = self._graph_size(bs)
+        ids, positions, slots, _, seq_lens, table = self._host_inputs(batch)
+        pad = size - bs
+        width = len(table[0])
+        rows = torch.zeros(size, self.max_pages, dtype=torch.int32)
+        rows[:bs, :width] = torch.tensor(table, dtype=torch.int32)
+        host = torch.tensor(
+            [ids + [0] * pad, positions + [0] * pad, slots + [0] * pad, seq_lens + [1] * pad], dtype=torch.int64
+        )
+        self.g_ids[:size].copy_(host[0], non_blocking=True)
+        self.g_pos[:size].copy_(host[1], non_blocking=True)
+        self.g_slots[:size].copy_(host[2], non_blocking=True)
+        self.g_seq_lens[:size].copy_(host[3], non_blocking=True)
+        self.g_table[:size].copy_(rows, non_blocking=True)
+        self.graphs[size].replay()
+        return self.g_logits[size][:bs]

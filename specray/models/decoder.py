@@ -1,0 +1,173 @@
+"""The decoder-only transformer for the llama, qwen2, qwen3 and mistral families.
+
+Owns the model weights (fused QKV and gate/up projections) and the forward over a flat batch of
+tokens from many sequences: `input_ids [T]`, `positions [T]`; attention (and the KV-cache write) is
+delegated to an `AttentionBackend` with per-step `AttentionMetadata`, so the same module serves
+prefill chunks, decode and (later) tree verification.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specray.errors import CheckpointError
+from specray.models.arch import ModelArch
+from specray.models.checkpoint import WeightSource
+from specray.models.rope import RotaryEmbedding
+
+if TYPE_CHECKING:
+    from specray.engine.attention import AttentionBackend, AttentionMetadata
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, arch: ModelArch, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
+        self.q_size, self.kv_size = arch.q_size, arch.kv_size
+        self.scale = self.head_dim**-0.5
+        self.sliding_window = arch.sliding_windows[layer_idx] if arch.sliding_windows else None
+        self.qkv_proj = nn.Linear(arch.hidden_size, self.q_size + 2 * self.kv_size, bias=arch.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, arch.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        positions: torch.Tensor,  # [T]
+        rope: RotaryEmbedding,
+        backend: AttentionBackend,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope(positions, q, k)
+        out = backend.forward(self.layer_idx, q, k, v, meta, self.scale, self.sliding_window)  # [T, Hq, D]
+        return self.o_proj(out.reshape(T, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, arch: ModelArch):
+        super().__init__()
+        self.intermediate = arch.intermediate_size
+        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, arch: ModelArch, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.self_attn = Attention(arch, layer_idx)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.mlp = MLP(arch)
+
+    def forward(self, x, positions, rope, backend, meta) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope, backend, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderLM(nn.Module):
+    def __init__(self, arch: ModelArch, max_positions: int, device: torch.device | str = "cpu"):
+        super().__init__()
+        self.arch = arch
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(arch, i) for i in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.lm_head = None if arch.tie_word_embeddings else nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(arch.rope, arch.head_dim, max_positions, device)
+
+    @classmethod
+    def empty(cls, arch: ModelArch, max_positions: int, dtype: torch.dtype, device: torch.device) -> DecoderLM:
+        """Build with uninitialised parameters directly on `device` (no CPU init of large weights)."""
+        with torch.device("meta"):
+            model = cls(arch, max_positions, device="meta")
+        model = model.to(dtype).to_empty(device=device)
+        model.rope = RotaryEmbedding(arch.rope, arch.head_dim, max_positions, device)
+        return model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        backend: AttentionBackend,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, hidden]
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, positions, self.rope, backend, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [S, hidden] -> [S, V] fp32
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    # ---- weights -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def load_weights(self, source: WeightSource) -> None:
+        """Copy HF-named tensors from `source` into the (fused) parameters; errors name the tensor."""
+        available = set(source.names())
+
+        def fetch(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+            if name not in available:
+                raise CheckpointError(f"checkpoint is missing the tensor {name!r}")
+            t = source.get(name)
+            if tuple(t.shape) != shape:
+                raise CheckpointError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
+            return t
+
+        def put(param: torch.Tensor, parts: list[tuple[str, tuple[int, ...]]]) -> None:
+            offset = 0
+            for name, shape in parts:
+                t = fetch(name, shape)
+                param[offset : offset + shape[0]].copy_(t)
+                offset += shape[0]
+
+        a = self.arch
+        H, I = a.hidden_size, a.intermediate_size
+        put(self.embed_tokens.weight, [("model.embed_tokens.weight", (a.vocab_size, H))])
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            attn = layer.self_attn
+            qkv = [("q_proj", a.q_size), ("k_proj", a.kv_size), ("v_proj", a.kv_size)]
+            put(attn.qkv_proj.weight, [(f"{p}self_attn.{n}.weight", (s, H)) for n, s in qkv])
+            if a.attention_bias:
+                put(attn.qkv_proj.bias, [(f"{p}self_attn.{n}.bias", (s,)) for n, s in qkv])
+            put(attn.o_proj.weight, [(f"{p}self_attn.o_proj.weight", (H, a.q_size))])
+            if attn.q_norm is not None:
+                put(attn.q_norm.weight, [(f"{p}self_attn.q_norm.weight", (a.head_dim,))])
+                put(attn.k_norm.weight, [(f"{p}self_attn.k_norm.weight", (a.head_dim,))])
+            put(layer.mlp.gate_up_proj.weight, [(f"{p}mlp.gate_proj.weight", (I, H)), (f"{p}mlp.up_proj.weight", (I, H))])
+            put(layer.mlp.down_proj.weight, [(f"{p}mlp.down_proj.weight", (H, I))])
+            put(layer.input_layernorm.weight, [(f"{p}input_layernorm.weight", (H,))])
+            put(layer.post_attention_layernorm.weight, [(f"{p}post_attention_layernorm.weight", (H,))])
+        put(self.norm.weight, [("model.norm.weight", (H,))])
+        if self.lm_head is not None:
+            put(self.lm_head.weight, [("lm_head.weight", (a.vocab_size, H))])
