@@ -147,9 +147,10 @@ class TritonAttentionBackend:
             ks, vs = gather_kv(self.cache, layer, meta.page_tables[s], seq_len)
             q_pos = torch.arange(seq_len - (b - a), seq_len, device=q.device)
             mask = visibility_mask(q_pos, seq_len, sliding_window)
+            group = q.shape[1] // ks.shape[1]  # expand GQA heads: keeps SDPA on its fused kernels
+            ks, vs = ks.repeat_interleave(group, dim=1), vs.repeat_interleave(group, dim=1)
             o = F.scaled_dot_product_attention(
-                q[a:b].transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1),
-                attn_mask=mask, scale=scale, enable_gqa=True,
+                q[a:b].transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1), attn_mask=mask, scale=scale
             )  # [Hq, n_q, D]
             out[a:b] = o.transpose(0, 1)
         return out

@@ -19,7 +19,7 @@ from specray.engine.kv_cache import KVCache, KVCacheSpec, PageAllocator, num_pag
 from specray.engine.model_runner import ModelRunner
 from specray.engine.sampler import Sampler
 from specray.engine.sampling_params import SamplingParams
-from specray.engine.scheduler import Scheduler
+from specray.engine.scheduler import ScheduledBatch, Scheduler
 from specray.engine.sequence import RequestOutput, Sequence, SequenceStatus
 from specray.errors import PromptTooLongError, RequestError
 from specray.models.arch import ModelArch
@@ -204,6 +204,9 @@ class LLMEngine:
             seq.text = text
         if reason is None and len(seq.output_ids) >= seq.max_output_tokens:
             reason = "length"
+            if seq.detokenizer is not None:  # release bytes held back for an unfinished character
+                seq.detokenizer.flush()
+                seq.text = seq.detokenizer.text
         if reason is not None:
             seq.metrics.finished_time = now
             self.scheduler.finish(seq, reason)
@@ -240,6 +243,31 @@ class LLMEngine:
             if not self.has_unfinished_requests() and len(final) < len(ids):
                 raise RuntimeError("engine stopped with unfinished requests")
         return [final[r] for r in ids]
+
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """[n-1] fp32 log-probabilities log p(t_i | t_<i) of a token sequence (for perplexity),
+        computed in prefill chunks of `max_num_batched_tokens` through the paged cache."""
+        ids = self.encode(token_ids)
+        if not 2 <= len(ids) <= self.max_model_len:
+            raise RequestError(f"score needs 2..{self.max_model_len} tokens, got {len(ids)}")
+        need = pages_needed(len(ids), self.cache.spec.page_size)
+        if not self.allocator.can_allocate(need):
+            raise RequestError(f"score needs {need} free KV pages, {self.allocator.num_free} are free")
+        seq = Sequence("score", ids, SamplingParams(max_tokens=1), 1)
+        seq.pages = self.allocator.allocate(need)
+        chunk = self.config.scheduler.max_num_batched_tokens
+        logps = []
+        try:
+            while seq.num_computed < len(ids):
+                n = min(chunk, len(ids) - seq.num_computed)
+                logits = self.runner.all_token_logits(ScheduledBatch([seq], [n]))  # [n, V]
+                logps.append(torch.log_softmax(logits, dim=-1))
+                seq.num_computed += n
+        finally:
+            self.allocator.free(seq.pages)
+        logp = torch.cat(logps)[:-1]  # [n-1, V]: the last position predicts past the end
+        target = torch.tensor(ids[1:], device=logp.device)
+        return logp.gather(1, target[:, None]).squeeze(1).cpu()
 
     def pages_in_use(self) -> int:
         return self.allocator.num_used

@@ -80,7 +80,12 @@ class ModelRunner:
             result[i] = t
         return result
 
-    def _eager(self, batch: ScheduledBatch, sample_rows: list[int]) -> torch.Tensor:
+    @torch.inference_mode()
+    def all_token_logits(self, batch: ScheduledBatch) -> torch.Tensor:
+        """[T, V] fp32 logits of every token of the batch (scoring / perplexity; eager)."""
+        return self._eager(batch, None)
+
+    def _eager(self, batch: ScheduledBatch, sample_rows: list[int] | None) -> torch.Tensor:
         ids, positions, slots, qsl, seq_lens, table = self._host_inputs(batch)
         dev = self.device
         meta = AttentionMetadata(
@@ -98,6 +103,8 @@ class ModelRunner:
             self.backend,
             meta,
         )
+        if sample_rows is None:
+            return self.model.compute_logits(hidden)
         last = torch.tensor([qsl[i + 1] - 1 for i in sample_rows], dtype=torch.int64, device=dev)
         return self.model.compute_logits(hidden[last])
 
