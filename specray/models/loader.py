@@ -19,5 +19,5 @@ def load_checkpoint(model: str | Path, load_tokenizer: bool = True) -> Checkpoin
     if path.suffix.lower() == ".gguf":
         from specray.models.gguf_loader import load_gguf
 
-        return load_gguf(path)
+        return load_gguf(path, load_tokenizer=load_tokenizer)
     raise CheckpointError(f"{path} is neither a HF checkpoint directory nor a .gguf file")
