@@ -65,6 +65,26 @@ def specray_decode(engine, prompt: list[int], n: int) -> tuple[float, list[int]]
     return n / (time.perf_counter() - t_first), tokens
 
 
+def replay_ms(engine, iters: int = 50) -> float:
+    """GPU time of one batch-1 decode graph replay (inputs as left by the last step), median."""
+    graph = engine.runner.graphs[1]
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[iters // 2]
+
+
+def set_fused(engine, enabled: bool) -> None:
+    engine.model.use_fused_ops(enabled)
+    engine.runner.graphs.clear()
+    engine.runner._capture_graphs()
+
+
 def hf_decode(model, prompt: list[int], n: int) -> tuple[float, list[int]]:
     ids = torch.tensor([prompt], device="cuda")
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
@@ -122,12 +142,19 @@ def main() -> None:
     specray_decode(engine, torch.randint(0, cfg.vocab_size, (512,), generator=g).tolist(), 16)  # warm-up
     for ctx in args.contexts:
         prompt = torch.randint(0, cfg.vocab_size, (ctx,), generator=g).tolist()
+        set_fused(engine, False)
+        unfused, _ = specray_decode(engine, prompt, args.tokens)
+        unfused_replay = replay_ms(engine)
+        set_fused(engine, True)
         ours, our_tokens = specray_decode(engine, prompt, args.tokens)
+        graph_ms = replay_ms(engine)
         theirs, hf_tokens = hf_decode(hf, prompt, args.hf_tokens)
         same = next((i for i, (a, b) in enumerate(zip(our_tokens, hf_tokens, strict=False)) if a != b), len(hf_tokens))
         floor = bw / (weight_bytes + kv_per_token * (ctx + args.tokens // 2))
         rows.append({
             "context": ctx, "specray_tok_s": ours, "hf_tok_s": theirs, "floor_tok_s": floor,
+            "specray_unfused_tok_s": unfused, "graph_replay_ms": graph_ms, "unfused_graph_replay_ms": unfused_replay,
+            "step_ms": 1000 / ours, "host_overhead_ms": 1000 / ours - graph_ms,
             "specray_vs_floor": ours / floor, "specray_vs_hf": ours / theirs,
             "greedy_tokens_equal_to_hf": same,
         })
@@ -141,11 +168,12 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"device {result['device']}; copy bandwidth {bw / 1e9:.0f} GB/s; weights {weight_bytes / 1e9:.2f} GB")
-    print(f"{'context':>8} {'specray tok/s':>14} {'HF tok/s':>9} {'floor tok/s':>12} {'of floor':>9} "
-          f"{'vs HF':>7} {'=HF toks':>8}")
+    print(f"{'context':>8} {'specray tok/s':>14} {'unfused':>8} {'HF tok/s':>9} {'floor tok/s':>12} {'of floor':>9} "
+          f"{'vs HF':>7} {'graph ms':>9} {'host ms':>8} {'=HF toks':>8}")
     for r in rows:
-        print(f"{r['context']:>8} {r['specray_tok_s']:>14.1f} {r['hf_tok_s']:>9.1f} {r['floor_tok_s']:>12.1f} "
-              f"{100 * r['specray_vs_floor']:>8.1f}% {r['specray_vs_hf']:>6.1f}x {r['greedy_tokens_equal_to_hf']:>8}")
+        print(f"{r['context']:>8} {r['specray_tok_s']:>14.1f} {r['specray_unfused_tok_s']:>8.1f} {r['hf_tok_s']:>9.1f} "
+              f"{r['floor_tok_s']:>12.1f} {100 * r['specray_vs_floor']:>8.1f}% {r['specray_vs_hf']:>6.1f}x "
+              f"{r['graph_replay_ms']:>9.2f} {r['host_overhead_ms']:>8.2f} {r['greedy_tokens_equal_to_hf']:>8}")
 
 
 if __name__ == "__main__":

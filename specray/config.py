@@ -74,6 +74,7 @@ class EngineConfig:
     seed: int = 0
     attention_backend: AttentionBackendName = "auto"  # auto: triton on CUDA, torch on CPU
     cuda_graphs: bool = True
+    fused_ops: bool = True  # CUDA: Triton kernels for RMSNorm(+residual), RoPE and SiLU*mul
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

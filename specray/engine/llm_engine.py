@@ -60,6 +60,8 @@ class LLMEngine:
         self.model = DecoderLM.empty(self.arch, self.max_model_len + 1, self.dtype, self.device)
         self.model.load_weights(ckpt.weights)
         self.model.eval()
+        if self.device.type == "cuda" and config.fused_ops:
+            self.model.use_fused_ops(True)
 
         page_size = config.cache.page_size
         spec = KVCacheSpec.of(self.arch, page_size, self.dtype)

@@ -118,11 +118,13 @@ class ModelRunner:
     def _capture_graphs(self) -> None:
         max_bs = self.graph_batch_sizes[-1]
         dev = self.device
-        self.g_ids = torch.zeros(max_bs, dtype=torch.int64, device=dev)
-        self.g_pos = torch.zeros(max_bs, dtype=torch.int64, device=dev)
-        self.g_slots = torch.zeros(max_bs, dtype=torch.int64, device=dev)  # slot 0: scratch page
-        self.g_table = torch.zeros(max_bs, self.max_pages, dtype=torch.int32, device=dev)
+        # one pinned host staging buffer and one device buffer: a single H2D copy per step
+        self.h_inputs = torch.zeros(4, max_bs, dtype=torch.int64, pin_memory=True)
+        self.h_table = torch.zeros(max_bs, self.max_pages, dtype=torch.int32, pin_memory=True)
+        self.g_inputs = torch.zeros(4, max_bs, dtype=torch.int64, device=dev)
+        self.g_ids, self.g_pos, self.g_slots = self.g_inputs[0], self.g_inputs[1], self.g_inputs[2]  # slot 0: scratch
         self.g_seq_lens = torch.ones(max_bs, dtype=torch.int32, device=dev)
+        self.g_table = torch.zeros(max_bs, self.max_pages, dtype=torch.int32, device=dev)
         self.g_logits: dict[int, torch.Tensor] = {}
         pool = None
         for bs in reversed(self.graph_batch_sizes):
@@ -151,16 +153,15 @@ class ModelRunner:
         size = self._graph_size(bs)
         ids, positions, slots, _, seq_lens, table = self._host_inputs(batch)
         pad = size - bs
-        width = len(table[0])
-        rows = torch.zeros(size, self.max_pages, dtype=torch.int32)
-        rows[:bs, :width] = torch.tensor(table, dtype=torch.int32)
-        host = torch.tensor(
+        h = self.h_inputs
+        h[:, :size] = torch.tensor(
             [ids + [0] * pad, positions + [0] * pad, slots + [0] * pad, seq_lens + [1] * pad], dtype=torch.int64
         )
-        self.g_ids[:size].copy_(host[0], non_blocking=True)
-        self.g_pos[:size].copy_(host[1], non_blocking=True)
-        self.g_slots[:size].copy_(host[2], non_blocking=True)
-        self.g_seq_lens[:size].copy_(host[3], non_blocking=True)
-        self.g_table[:size].copy_(rows, non_blocking=True)
+        self.h_table[:size].zero_()
+        width = len(table[0])
+        self.h_table[:bs, :width] = torch.tensor(table, dtype=torch.int32)
+        self.g_inputs[:, :size].copy_(h[:, :size], non_blocking=True)
+        self.g_seq_lens[:size].copy_(self.g_inputs[3, :size])  # int64 -> int32 on the device
+        self.g_table[:size].copy_(self.h_table[:size], non_blocking=True)
         self.graphs[size].replay()
         return self.g_logits[size][:bs]

@@ -24,16 +24,30 @@ if TYPE_CHECKING:
 
 
 class RMSNorm(nn.Module):
+    """HF-exact RMSNorm; `forward(x, residual)` first adds the residual stream (in x.dtype) and returns
+    (normed, new_residual). With `fused=True` (CUDA) one Triton kernel does both."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.fused = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if self.fused:
+            from specray.kernels import fused
+
+            if residual is None:
+                return fused.rms_norm(x, self.weight, self.eps)
+            return fused.add_rms_norm(x, residual, self.weight, self.eps)
+        if residual is not None:
+            x = x + residual
+            residual = x
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = self.weight * h.to(dtype)
+        return out if residual is None else (out, residual)
 
 
 class Attention(nn.Module):
@@ -63,7 +77,8 @@ class Attention(nn.Module):
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(T, self.num_heads, self.head_dim)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(T, self.num_kv_heads, self.head_dim)
         q, k = rope(positions, q, k)
         out = backend.forward(self.layer_idx, q, k, v, meta, self.scale, self.sliding_window)  # [T, Hq, D]
         return self.o_proj(out.reshape(T, self.q_size))
@@ -75,9 +90,15 @@ class MLP(nn.Module):
         self.intermediate = arch.intermediate_size
         self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
         self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        gate_up = self.gate_up_proj(x)  # [T, 2I]
+        if self.fused:
+            from specray.kernels import fused
+
+            return self.down_proj(fused.silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -89,9 +110,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = MLP(arch)
 
-    def forward(self, x, positions, rope, backend, meta) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, backend, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, positions, rope, backend, meta) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: this layer's input delta [T, hidden]; residual: the stream so far (None at layer 0)."""
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, rope, backend, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class DecoderLM(nn.Module):
@@ -121,9 +149,17 @@ class DecoderLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden]
         x = self.embed_tokens(input_ids)
+        residual = None
         for layer in self.layers:
-            x = layer(x, positions, self.rope, backend, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, self.rope, backend, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def use_fused_ops(self, enabled: bool = True) -> None:
+        """Route norms, RoPE and SiLU*mul through the Triton kernels of `specray.kernels.fused`."""
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, MLP, RotaryEmbedding)):
+                m.fused = enabled
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [S, hidden] -> [S, V] fp32
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
