@@ -77,8 +77,7 @@ class Attention(nn.Module):
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q = self.q_norm(q.reshape(-1, self.head_dim)).view(T, self.num_heads, self.head_dim)
-            k = self.k_norm(k.reshape(-1, self.head_dim)).view(T, self.num_kv_heads, self.head_dim)
+            q, k = self.q_norm(q), self.k_norm(k)  # per head, on the strided views
         q, k = rope(positions, q, k)
         out = backend.forward(self.layer_idx, q, k, v, meta, self.scale, self.sliding_window)  # [T, Hq, D]
         return self.o_proj(out.reshape(T, self.q_size))

@@ -1,8 +1,10 @@
-"""The engine on the Triton attention backend (decode through the paged split-KV kernel) gives the same
-greedy tokens as the dense torch reference backend. On CPU the kernel runs under TRITON_INTERPRET=1."""
+"""The engine on the Triton attention backend (decode through the paged split-KV kernel), with and without
+the fused Triton norm/RoPE/SiLU ops, gives the same greedy tokens as the dense torch reference backend.
+On CPU the kernels run under TRITON_INTERPRET=1."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from specray.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -11,19 +13,22 @@ from specray.engine.sampling_params import SamplingParams
 from tests.support.tiny import make_checkpoint
 
 
-def test_triton_backend_matches_torch_backend(tmp_path):
-    path = make_checkpoint(tmp_path / "m", "mistral", max_position_embeddings=256)  # sliding window 24
+@pytest.mark.parametrize("family", ["mistral", "qwen3"])  # sliding window; q/k norm
+def test_triton_backend_and_fused_ops_match_torch_backend(tmp_path, family):
+    path = make_checkpoint(tmp_path / "m", family, max_position_embeddings=256)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    def run(backend: str):
+    def run(backend: str, fused: bool):
         engine = LLMEngine(EngineConfig(
-            model=str(path), device=device, dtype="float32", attention_backend=backend,
+            model=str(path), device=device, dtype="float32", attention_backend=backend, fused_ops=fused,
             cache=CacheConfig(page_size=8, num_pages=64),
             scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=128),
         ))
+        engine.model.use_fused_ops(fused)  # on CPU too (interpreter)
         prompts = [list(range(5, 45)), [7, 8, 9], list(range(100, 120))]
-        return engine.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+        return [o.token_ids for o in engine.generate(prompts, SamplingParams(temperature=0, max_tokens=12,
+                                                                             ignore_eos=True))]
 
-    ref = [o.token_ids for o in run("torch")]
-    got = [o.token_ids for o in run("triton")]
-    assert got == ref
+    ref = run("torch", False)
+    assert run("triton", False) == ref
+    assert run("triton", True) == ref
