@@ -64,6 +64,136 @@ class SchedulerConfig:
             raise ConfigError(f"scheduler.max_model_len must be >= 2, got {self.max_model_len}")
 
 
+MAX_TREE_NODES = 256
+
+
+@dataclass(frozen=True)
+class TreeConfig:
+    """Draft tree: `chain` (length k), `beam` (LongSpec, global top-w per level), `dynamic` (EAGLE-2)."""
+
+    kind: Literal["chain", "beam", "dynamic"] = "chain"
+    length: int = 4  # chain
+    shape: tuple[int, ...] = (4, 16, 16, 16, 16)  # beam: width of each level
+    depth: int = 6  # dynamic
+    top_k: int = 8  # dynamic
+    budget: int = 64  # dynamic: draft nodes kept after re-ranking
+
+    def __post_init__(self) -> None:
+        _check_choice("speculative_config.tree.kind", self.kind, ("chain", "beam", "dynamic"))
+        object.__setattr__(self, "shape", tuple(int(w) for w in self.shape))
+        if self.kind == "chain" and self.length < 1:
+            raise ConfigError(f"speculative_config.tree.length must be >= 1, got {self.length}")
+        if self.kind == "beam" and (not self.shape or any(w < 1 for w in self.shape)):
+            raise ConfigError(f"speculative_config.tree.shape must be non-empty positive widths, got {self.shape}")
+        if self.kind == "dynamic" and (self.depth < 1 or self.top_k < 1 or self.budget < 1):
+            raise ConfigError(
+                f"speculative_config.tree depth/top_k/budget must be >= 1, got {self.depth}/{self.top_k}/{self.budget}"
+            )
+        if self.num_nodes > MAX_TREE_NODES or self.max_build_nodes > 4 * MAX_TREE_NODES:
+            raise ConfigError(
+                f"speculative_config.tree has {self.num_nodes} nodes ({self.max_build_nodes} while drafting); "
+                f"at most {MAX_TREE_NODES} ({4 * MAX_TREE_NODES} while drafting) are supported"
+            )
+
+    @property
+    def num_nodes(self) -> int:
+        """Nodes including the root (static per config, so verification shapes are static)."""
+        if self.kind == "chain":
+            return self.length + 1
+        if self.kind == "beam":
+            return 1 + sum(self.shape)
+        return self.budget + 1
+
+    @property
+    def max_build_nodes(self) -> int:
+        """Nodes drafted while building, root included (dynamic trees draft a pool, then keep `budget`)."""
+        if self.kind == "dynamic":
+            return 1 + self.top_k + (self.depth - 1) * self.top_k * self.top_k
+        return self.num_nodes
+
+    @property
+    def max_depth(self) -> int:
+        return {"chain": self.length, "beam": len(self.shape), "dynamic": self.depth}[self.kind]
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """SpecExtend's Cross-model Retrieval for a `draft_model` proposer."""
+
+    chunk_size: int = 32
+    top_k_chunks: int = 32
+    refresh_every: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_size", "top_k_chunks", "refresh_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"speculative_config.retrieval.{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def budget_tokens(self) -> int:
+        return self.chunk_size * self.top_k_chunks
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """UNIQUE top-k page selection for `sparse_self` (score = q.mean_k + std_weight * |q| * std_k)."""
+
+    page_size: int = 16
+    budget_tokens: int = 512
+    std_weight: float = 0.5
+    sink_pages: int = 1
+    recent_pages: int = 2
+
+    def __post_init__(self) -> None:
+        if self.page_size < 1 or self.budget_tokens < self.page_size:
+            raise ConfigError(
+                f"speculative_config.sparse.budget_tokens ({self.budget_tokens}) must be >= page_size "
+                f"({self.page_size}) >= 1"
+            )
+        if self.sink_pages < 0 or self.recent_pages < 0:
+            raise ConfigError("speculative_config.sparse.sink_pages and recent_pages must be >= 0")
+        if (self.sink_pages + self.recent_pages) * self.page_size > self.budget_tokens:
+            raise ConfigError("speculative_config.sparse: sink + recent pages exceed budget_tokens")
+
+
+SpecMethod = Literal["none", "ngram", "draft_model", "sparse_self", "longspec"]
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    method: SpecMethod = "none"
+    model: str | None = None  # draft_model / longspec weights
+    num_speculative_tokens: int | None = None  # vLLM's name: a chain of this length when `tree` is unset
+    tree: TreeConfig = field(default_factory=TreeConfig)
+    retrieval: RetrievalConfig | None = None  # draft_model only
+    sparse: SparseConfig = field(default_factory=SparseConfig)
+    prompt_lookup_min: int = 2  # ngram
+    prompt_lookup_max: int = 4  # ngram
+    draft_placement: Literal["colocated", "separate"] = "colocated"
+    draft_tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        _check_choice(
+            "speculative_config.method", self.method, ("none", "ngram", "draft_model", "sparse_self", "longspec")
+        )
+        _check_choice("speculative_config.draft_placement", self.draft_placement, ("colocated", "separate"))
+        if self.num_speculative_tokens is not None:
+            if self.num_speculative_tokens < 1:
+                raise ConfigError(
+                    f"speculative_config.num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}"
+                )
+            object.__setattr__(self, "tree", TreeConfig(kind="chain", length=self.num_speculative_tokens))
+        if self.method == "draft_model" and not self.model:
+            raise ConfigError("speculative_config.model is required for method 'draft_model'")
+        if self.retrieval is not None and self.method != "draft_model":
+            raise ConfigError("speculative_config.retrieval applies to method 'draft_model' only")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ConfigError(
+                f"speculative_config.prompt_lookup_min ({self.prompt_lookup_min}) must be in "
+                f"[1, prompt_lookup_max ({self.prompt_lookup_max})]"
+            )
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str = "smollm2-135m"  # HF directory, GGUF file, or a registry name
@@ -78,6 +208,7 @@ class EngineConfig:
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative_config: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, ("auto", "float32", "float16", "bfloat16"))
@@ -104,10 +235,10 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         )
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
-        sub = {"cache": CacheConfig, "scheduler": SchedulerConfig}.get(key) if cls is EngineConfig else None
-        if sub is not None:
-            value = _build(sub, value or {}, f"{prefix}{key}.")
-        elif key == "cuda_graph_batch_sizes":
+        sub = _NESTED.get((cls.__name__, key))
+        if sub is not None and value is not None:
+            value = _build(sub, value, f"{prefix}{key}.")
+        elif key in ("cuda_graph_batch_sizes", "shape"):
             value = tuple(value)
         kwargs[key] = value
     try:
@@ -116,6 +247,16 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         raise
     except TypeError as e:
         raise ConfigError(f"invalid {prefix or 'config'}: {e}") from None
+
+
+_NESTED: dict[tuple[str, str], type] = {
+    ("EngineConfig", "cache"): CacheConfig,
+    ("EngineConfig", "scheduler"): SchedulerConfig,
+    ("EngineConfig", "speculative_config"): SpeculativeConfig,
+    ("SpeculativeConfig", "tree"): TreeConfig,
+    ("SpeculativeConfig", "retrieval"): RetrievalConfig,
+    ("SpeculativeConfig", "sparse"): SparseConfig,
+}
 
 
 def load_engine_config(source: str | Path | dict[str, Any]) -> EngineConfig:

@@ -21,6 +21,15 @@ from specray.engine.kv_cache import KVCache
 
 
 @dataclass
+class TreeAttention:
+    """One sequence's tree part: its last `M` keys are tree nodes (at `key_positions`); the step's
+    queries see every earlier key (causal by position) and only the tree keys that `mask` allows."""
+
+    mask: torch.Tensor  # [n_q, M] bool: query i may attend tree key m
+    key_positions: torch.Tensor  # [M] int64 RoPE positions of the tree keys
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token
     page_tables: torch.Tensor  # [S, P] int32
@@ -30,6 +39,30 @@ class AttentionMetadata:
     # host copies (empty under CUDA-graph replay, where only the tensors are used)
     seq_lens_cpu: list[int]
     query_start_loc_cpu: list[int]
+    # token positions [T] when they are not `seq_len - n_q .. seq_len - 1` (tree steps); None otherwise
+    positions: torch.Tensor | None = None
+    # per sequence: tree-masked keys (verification, tree drafting); None = plain causal chunk
+    trees: list[TreeAttention | None] | None = None
+    # a layer whose post-RoPE queries the backend keeps in `captured_q` (retrieval scores)
+    capture_layer: int | None = None
+
+    def mask_for(self, s: int, n_q: int, seq_len: int, window: int | None, device) -> torch.Tensor:
+        """[n_q, seq_len] bool visibility of sequence s's keys to its queries."""
+        tree = self.trees[s] if self.trees is not None else None
+        a = self.query_start_loc_cpu[s]
+        if self.positions is None:
+            q_pos = torch.arange(seq_len - n_q, seq_len, device=device)
+        else:
+            q_pos = self.positions[a : a + n_q].to(device)
+        if tree is None:
+            return visibility_mask(q_pos, seq_len, window)
+        m = tree.key_positions.shape[0]
+        k_pos = torch.cat([torch.arange(seq_len - m, device=device), tree.key_positions.to(device)])
+        mask = k_pos[None, :] <= q_pos[:, None]
+        if window is not None:
+            mask &= k_pos[None, :] > q_pos[:, None] - window
+        mask[:, seq_len - m :] &= tree.mask.to(device)
+        return mask
 
 
 class AttentionBackend(Protocol):
@@ -75,7 +108,7 @@ def dense_attention(
     q: torch.Tensor,  # [n_q, Hq, D]
     k: torch.Tensor,  # [L, Hkv, D]
     v: torch.Tensor,  # [L, Hkv, D]
-    mask: torch.Tensor,  # [n_q, L] bool
+    mask: torch.Tensor,  # [n_q, L] bool, or [Hkv, n_q, L] for a per-KV-head mask (sparse pages)
     scale: float,
 ) -> torch.Tensor:  # [n_q, Hq, D] fp32
     n_q, Hq, D = q.shape
@@ -85,6 +118,8 @@ def dense_attention(
     kf = k.float().permute(1, 0, 2)  # [Hkv, L, D]
     vf = v.float().permute(1, 0, 2)
     scores = torch.einsum("hgqd,hkd->hgqk", qf, kf) * scale
+    if mask.dim() == 3:
+        mask = mask[:, None]  # [Hkv, 1, n_q, L]
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     out = torch.einsum("hgqk,hkd->hgqd", probs, vf)  # [Hkv, G, n_q, D]
@@ -99,13 +134,14 @@ class TorchAttentionBackend:
 
     def forward(self, layer, q, k, v, meta, scale, sliding_window):
         write_kv(self.cache, layer, k, v, meta.slot_mapping)
+        if meta.capture_layer == layer:
+            self.captured_q = q.clone()
         out = torch.empty_like(q)
         qsl = meta.query_start_loc_cpu
         for s, seq_len in enumerate(meta.seq_lens_cpu):
             a, b = qsl[s], qsl[s + 1]
             ks, vs = gather_kv(self.cache, layer, meta.page_tables[s], seq_len)
-            q_pos = torch.arange(seq_len - (b - a), seq_len, device=q.device)
-            mask = visibility_mask(q_pos, seq_len, sliding_window)
+            mask = meta.mask_for(s, b - a, seq_len, sliding_window, q.device)
             out[a:b] = dense_attention(q[a:b], ks, vs, mask, scale).to(q.dtype)
         return out
 
@@ -135,7 +171,9 @@ class TritonAttentionBackend:
 
     def forward(self, layer, q, k, v, meta, scale, sliding_window):
         write_kv(self.cache, layer, k, v, meta.slot_mapping)
-        if meta.decode_only:
+        if meta.capture_layer == layer:
+            self.captured_q = q.clone()
+        if meta.decode_only and meta.trees is None:
             dec = self.decoder_for(q.shape[0])
             out, _ = dec.run(q, self.cache.k[layer], self.cache.v[layer], meta.page_tables, meta.seq_lens,
                              scale, sliding_window)
@@ -145,8 +183,7 @@ class TritonAttentionBackend:
         for s, seq_len in enumerate(meta.seq_lens_cpu):
             a, b = qsl[s], qsl[s + 1]
             ks, vs = gather_kv(self.cache, layer, meta.page_tables[s], seq_len)
-            q_pos = torch.arange(seq_len - (b - a), seq_len, device=q.device)
-            mask = visibility_mask(q_pos, seq_len, sliding_window)
+            mask = meta.mask_for(s, b - a, seq_len, sliding_window, q.device)
             group = q.shape[1] // ks.shape[1]  # expand GQA heads: keeps SDPA on its fused kernels
             ks, vs = ks.repeat_interleave(group, dim=1), vs.repeat_interleave(group, dim=1)
             o = F.scaled_dot_product_attention(

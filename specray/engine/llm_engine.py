@@ -83,6 +83,12 @@ class LLMEngine:
             graph_sizes = tuple(b for b in config.cuda_graph_batch_sizes if b <= max_bs)
         self.runner = ModelRunner(self.model, self.cache, self.backend, self.sampler, self.max_model_len, graph_sizes)
         self.seqs: dict[str, Sequence] = {}
+        self.spec = None  # SpeculativeDecoder when speculative_config.method != none
+        if config.speculative_config is not None and config.speculative_config.method != "none":
+            from specray.spec.proposers import build_proposer
+            from specray.spec.step import SpeculativeDecoder
+
+            self.spec = SpeculativeDecoder(self, build_proposer(self))
 
     # ---- requests ------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -141,6 +147,8 @@ class LLMEngine:
         if seq is None or seq.finished:
             return False
         self.scheduler.finish(seq, "abort")
+        if self.spec is not None:
+            self.spec.proposer.release(request_id)
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -167,6 +175,17 @@ class LLMEngine:
         for seq in batch.seqs:
             if seq.metrics.first_scheduled_time is None:
                 seq.metrics.first_scheduled_time = now
+        if self.spec is not None and batch.decode_only:
+            drafted = self.spec.step(batch.seqs)
+            if drafted is not None:  # None: not enough pages or context for the tree; run plain AR
+                for seq, tokens in zip(batch.seqs, drafted, strict=True):
+                    for token in tokens:
+                        if seq.finished:
+                            break
+                        self._append_token(seq, token)
+                    outputs.append(self._output(seq, tokens))
+                self._drop_finished(batch.seqs)
+                return outputs
         sampled = self.runner.execute(batch)
         for seq, n, token in zip(batch.seqs, batch.num_new_tokens, sampled, strict=True):
             seq.num_computed += n
@@ -174,9 +193,15 @@ class LLMEngine:
                 continue
             self._append_token(seq, token)
             outputs.append(self._output(seq, [token]))
-        for seq in [s for s in batch.seqs if s.finished]:
-            self.seqs.pop(seq.request_id, None)
+        self._drop_finished(batch.seqs)
         return outputs
+
+    def _drop_finished(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            if seq.finished:
+                self.seqs.pop(seq.request_id, None)
+                if self.spec is not None:
+                    self.spec.proposer.release(seq.request_id)
 
     def _append_token(self, seq: Sequence, token: int) -> None:
         now = time.monotonic()
@@ -225,6 +250,7 @@ class LLMEngine:
             request_id=seq.request_id, prompt_token_ids=seq.prompt_ids, token_ids=list(seq.output_ids),
             new_token_ids=new_ids, text=text, delta_text=delta, finished=seq.finished,
             finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, metrics=seq.metrics,
+            spec_metrics=seq.spec_stats.as_dict() if seq.spec_stats is not None else None,
         )
 
     # ---- convenience ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from specray.engine.attention import AttentionBackend, AttentionMetadata
+from specray.engine.attention import AttentionBackend, AttentionMetadata, TreeAttention
 from specray.engine.kv_cache import SCRATCH_PAGE, KVCache, pages_needed
 from specray.engine.sampler import Sampler
 from specray.engine.scheduler import ScheduledBatch
@@ -79,6 +79,47 @@ class ModelRunner:
         for i, t in zip(sample_rows, tokens, strict=True):
             result[i] = t
         return result
+
+    @torch.inference_mode()
+    def forward_tokens(
+        self,
+        pages: list[list[int]],
+        tokens: list[list[int]],
+        positions: list[list[int]],
+        cache_positions: list[list[int]],
+        seq_lens: list[int],
+        trees: list[TreeAttention | None] | None = None,
+        logits_rows: list[int] | None = None,
+        capture_layer: int | None = None,
+    ) -> torch.Tensor:
+        """A free-form forward (speculative steps): sequence s feeds `tokens[s]` at RoPE `positions[s]`,
+        writes their K/V at cache positions `cache_positions[s]` of its page table `pages[s]`, and
+        attends to its first `seq_lens[s]` cache entries (tree-masked where `trees[s]` is given).
+        Returns fp32 logits [R, V] of the flat token rows `logits_rows` (all rows when None)."""
+        ps = self.page_size
+        dev = self.device
+        flat_ids = [t for ts in tokens for t in ts]
+        flat_pos = [p for ps_ in positions for p in ps_]
+        slots = [pg[c // ps] * ps + c % ps for pg, cs in zip(pages, cache_positions, strict=True) for c in cs]
+        qsl = [0]
+        for ts in tokens:
+            qsl.append(qsl[-1] + len(ts))
+        width = max(len(p) for p in pages)
+        table = [p + [SCRATCH_PAGE] * (width - len(p)) for p in pages]
+        pos_t = torch.tensor(flat_pos, dtype=torch.int64, device=dev)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            page_tables=torch.tensor(table, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            decode_only=all(len(t) == 1 for t in tokens),
+            seq_lens_cpu=list(seq_lens), query_start_loc_cpu=qsl,
+            positions=pos_t, trees=trees, capture_layer=capture_layer,
+        )
+        hidden = self.model(torch.tensor(flat_ids, dtype=torch.int64, device=dev), pos_t, self.backend, meta)
+        if logits_rows is not None:
+            hidden = hidden[torch.tensor(logits_rows, dtype=torch.int64, device=dev)]
+        return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
     def all_token_logits(self, batch: ScheduledBatch) -> torch.Tensor:

@@ -40,6 +40,7 @@ class Sequence:
     text: str = ""  # output text after stop-string truncation
     sent_text_len: int = 0  # chars already streamed
     num_preemptions: int = 0
+    spec_stats: Any = None  # specray.spec.types.SpecStats once a speculative step ran
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.monotonic()))
 
     @property
@@ -76,3 +77,5 @@ class RequestOutput:
     stop_reason: str | int | None = None
     metrics: RequestMetrics | None = None
     error: str | None = None
+    # metrics.speculative_decoding: mean_acceptance_length, draft_acceptance_rate, num_spec_steps, ...
+    spec_metrics: dict[str, float] | None = None

@@ -76,3 +76,30 @@ def make_checkpoint(path: Path, family: str, seed: int = 0, tokenizer: bool = Tr
     if tokenizer:
         tiny_tokenizer(cfg.vocab_size).save_pretrained(path)
     return path
+
+
+def perturbed_copy(src: Path, dst: Path, scale: float, seed: int = 1, **config_overrides) -> Path:
+    """A draft for `src`: the same architecture and vocabulary, weights + Gaussian noise (relative `scale`),
+    optionally with fewer layers (`num_hidden_layers=1` keeps the first layers)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, dst / f.name)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(config_overrides)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    tensors = load_file(src / "model.safetensors")
+    keep = cfg["num_hidden_layers"]
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, t in tensors.items():
+        if name.startswith("model.layers.") and int(name.split(".")[2]) >= keep:
+            continue
+        out[name] = t + scale * t.std() * torch.randn(t.shape, generator=g)
+    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
