@@ -138,12 +138,51 @@ class TorchAttentionBackend:
             self.captured_q = q.clone()
         out = torch.empty_like(q)
         qsl = meta.query_start_loc_cpu
+        groups: dict[tuple[int, int], list[int]] = {}  # (seq_len, n_q) -> sequences, batched together
         for s, seq_len in enumerate(meta.seq_lens_cpu):
-            a, b = qsl[s], qsl[s + 1]
-            ks, vs = gather_kv(self.cache, layer, meta.page_tables[s], seq_len)
-            mask = meta.mask_for(s, b - a, seq_len, sliding_window, q.device)
-            out[a:b] = dense_attention(q[a:b], ks, vs, mask, scale).to(q.dtype)
+            groups.setdefault((seq_len, qsl[s + 1] - qsl[s]), []).append(s)
+        for (seq_len, n_q), members in groups.items():
+            if len(members) == 1:
+                s = members[0]
+                a = qsl[s]
+                ks, vs = gather_kv(self.cache, layer, meta.page_tables[s], seq_len)
+                mask = meta.mask_for(s, n_q, seq_len, sliding_window, q.device)
+                out[a : a + n_q] = dense_attention(q[a : a + n_q], ks, vs, mask, scale).to(q.dtype)
+                continue
+            rows = torch.cat([torch.arange(qsl[s], qsl[s] + n_q) for s in members]).to(q.device)
+            ks, vs = gather_kv_batch(self.cache, layer, meta.page_tables[members], seq_len)  # [G, L, Hkv, D]
+            if meta.trees is None and meta.positions is None:  # identical causal masks
+                masks = meta.mask_for(members[0], n_q, seq_len, sliding_window, q.device)[None].expand(
+                    len(members), -1, -1)
+            else:
+                masks = torch.stack([meta.mask_for(s, n_q, seq_len, sliding_window, q.device) for s in members])
+            o = dense_attention_batch(q[rows].view(len(members), n_q, *q.shape[1:]), ks, vs, masks, scale)
+            out[rows] = o.reshape(-1, *q.shape[1:]).to(q.dtype)
         return out
+
+
+def gather_kv_batch(cache: KVCache, layer: int, page_rows: torch.Tensor, seq_len: int):
+    """page_rows [G, P] -> keys, values [G, seq_len, Hkv, D] of G sequences of equal length."""
+    ps = cache.spec.page_size
+    n_pages = -(-seq_len // ps)
+    kc, vc = cache.k[layer], cache.v[layer]
+    pages = page_rows[:, :n_pages].long()
+    g = pages.shape[0]
+    k = kc[pages].reshape(g, -1, *kc.shape[2:])[:, :seq_len]
+    v = vc[pages].reshape(g, -1, *vc.shape[2:])[:, :seq_len]
+    return k, v
+
+
+def dense_attention_batch(q, k, v, mask, scale) -> torch.Tensor:
+    """q [G, n_q, Hq, D], k/v [G, L, Hkv, D], mask [G, n_q, L] -> [G, n_q, Hq, D] fp32."""
+    g, n_q, hq, d = q.shape
+    hkv = k.shape[2]
+    qf = q.float().view(g, n_q, hkv, hq // hkv, d)
+    scores = torch.einsum("gqhid,gkhd->ghiqk", qf, k.float()) * scale  # [G, Hkv, grp, n_q, L]
+    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    o = torch.einsum("ghiqk,gkhd->gqhid", probs, v.float())
+    return o.reshape(g, n_q, hq, d)
 
 
 class TritonAttentionBackend:

@@ -31,7 +31,7 @@ from specray.engine.sequence import Sequence
 from specray.errors import ConfigError
 from specray.models.arch import ModelArch
 from specray.models.decoder import DecoderLM
-from specray.spec.proposers import draft_tree
+from specray.spec.proposers import draft_tree, warp_rows
 from specray.spec.step import commit_kv
 from specray.spec.types import AcceptResult, DraftTree
 
@@ -155,24 +155,68 @@ class DraftModelProposer:
         st.steps_since_refresh = 0
         st.chunk_scores = None
 
-    def _catch_up(self, seq: Sequence, st: _DraftState, target: list[int]) -> None:
+    def _catch_up(self, st: _DraftState, target: list[int]) -> None:
+        """Append the target's new committed tokens to the draft context (encoded later, batched)."""
         n_ctx = len(target) - 1
         if st.covered < n_ctx:
             st.ctx.extend(target[st.covered : n_ctx])
             st.covered = n_ctx
         self._ensure_pages(st, len(st.ctx) + self.max_nodes)
-        while st.num_encoded < len(st.ctx):
-            a, b = st.num_encoded, min(len(st.ctx), st.num_encoded + self.chunk)
+
+    def _encode(self, states: list[_DraftState]) -> None:
+        """Encode every state's pending context tokens; one batched forward while they fit the budget."""
+        while True:
+            pending = [st for st in states if st.num_encoded < len(st.ctx)]
+            if not pending:
+                return
+            budget = max(1, self.chunk // len(pending))
+            spans = [(st.num_encoded, min(len(st.ctx), st.num_encoded + budget)) for st in pending]
+            ranges = [list(range(a, b)) for a, b in spans]
             self.runner.forward_tokens(
-                pages=[st.pages], tokens=[st.ctx[a:b]], positions=[list(range(a, b))],
-                cache_positions=[list(range(a, b))], seq_lens=[b], logits_rows=[b - a - 1],
+                pages=[st.pages for st in pending],
+                tokens=[st.ctx[a:b] for st, (a, b) in zip(pending, spans, strict=True)],
+                positions=ranges, cache_positions=ranges, seq_lens=[b for _, b in spans], logits_rows=[0],
             )
-            st.num_encoded = b
+            for st, (_, b) in zip(pending, spans, strict=True):
+                st.num_encoded = b
+
+    def _chains(self, seqs: list[Sequence], states: list[_DraftState]) -> list[DraftTree]:
+        """Chains for all sequences in lock-step: one batched draft forward per depth."""
+        length = self.cfg.tree.length
+        roots = [seq.output_ids[-1] if seq.output_ids else seq.prompt_ids[-1] for seq in seqs]
+        tokens = [[r] for r in roots]
+        rows: list[list[torch.Tensor]] = [[] for _ in seqs]
+        for depth in range(length):
+            logits = self.runner.forward_tokens(
+                pages=[st.pages for st in states], tokens=[[t[-1]] for t in tokens],
+                positions=[[len(st.ctx) + depth] for st in states],
+                cache_positions=[[len(st.ctx) + depth] for st in states],
+                seq_lens=[len(st.ctx) + depth + 1 for st in states],
+            )  # [B, V]
+            sampled = [b for b, seq in enumerate(seqs) if not seq.params.greedy]
+            probs = warp_rows(logits[sampled], [seqs[b].params for b in sampled]) if sampled else None
+            greedy = logits.argmax(dim=-1).tolist()
+            for b, (seq, st) in enumerate(zip(seqs, states, strict=True)):
+                st.expanded[tuple(tokens[b])] = depth
+                if seq.params.greedy:
+                    tokens[b].append(greedy[b])
+            for j, b in enumerate(sampled):
+                gen = seqs[b].generator if seqs[b].generator is not None else self.engine.sampler.generator
+                rows[b].append(probs[j])
+                tokens[b].append(int(torch.multinomial(probs[j], 1, generator=gen).item()))
+        trees = []
+        for seq, toks, r in zip(seqs, tokens, rows, strict=True):
+            if seq.params.greedy:
+                trees.append(DraftTree.chain(toks[0], toks[1:]))
+            else:
+                probs = torch.stack(r + [torch.zeros_like(r[0])])  # [N, V]
+                trees.append(DraftTree(toks, [-1, *range(length)], list(range(length + 1)), probs, True))
+        return trees
 
     # ---- Proposer protocol -----------------------------------------------------------------------
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence]) -> list[DraftTree]:
-        trees = []
+        states = []
         for seq in seqs:
             target = seq.prompt_ids + seq.output_ids
             st = self.states.get(seq.request_id)
@@ -182,8 +226,14 @@ class DraftModelProposer:
                     self._rebuild(seq, st, target)
             elif self.retrieval is not None and st.chunk_scores is not None:
                 self._rebuild(seq, st, target)
-            self._catch_up(seq, st, target)
+            self._catch_up(st, target)
             st.expanded = {}
+            states.append(st)
+        self._encode(states)
+        if self.cfg.tree.kind == "chain":
+            return self._chains(seqs, states)
+        trees = []
+        for seq, st in zip(seqs, states, strict=True):
             w = len(st.ctx)
 
             def logits_fn(tree: DraftTree, nodes: list[int], st=st, w=w) -> torch.Tensor:
@@ -198,7 +248,8 @@ class DraftModelProposer:
                 )
 
             gen = seq.generator if seq.generator is not None else self.engine.sampler.generator
-            trees.append(draft_tree(self.cfg.tree, target[-1], logits_fn, seq.params, gen))
+            trees.append(draft_tree(self.cfg.tree, seq.prompt_ids[-1] if not seq.output_ids else seq.output_ids[-1],
+                                    logits_fn, seq.params, gen))
         return trees
 
     @torch.inference_mode()

@@ -64,16 +64,15 @@ def draft_tree(
 
 def warp_request(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """[n, V] logits -> [n, V] probabilities under one request's temperature/top-k/top-p/min-p."""
-    n = logits.shape[0]
-    dev = logits.device
+    return warp_rows(logits, [params] * logits.shape[0])
 
-    def full(x: float, dtype=torch.float32) -> torch.Tensor:
-        return torch.full((n,), x, dtype=dtype, device=dev)
 
-    return warp_logits(
-        logits.float(), full(params.temperature), full(params.effective_top_k, torch.int64),
-        full(params.top_p), full(params.min_p),
-    )
+def warp_rows(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """[R, V] logits -> [R, V] probabilities, row r warped with params[r] (one batched call)."""
+    knobs = torch.tensor(
+        [[p.temperature, float(p.effective_top_k), p.top_p, p.min_p] for p in params], dtype=torch.float32
+    ).to(logits.device)  # [R, 4]
+    return warp_logits(logits.float(), knobs[:, 0], knobs[:, 1].long(), knobs[:, 2], knobs[:, 3])
 
 
 def build_proposer(engine: LLMEngine) -> Proposer | None:

@@ -16,7 +16,7 @@ import torch
 from specray.engine.attention import TreeAttention
 from specray.engine.kv_cache import KVCache, pages_needed
 from specray.engine.sequence import Sequence
-from specray.spec.proposers import Proposer, warp_request
+from specray.spec.proposers import Proposer, warp_rows
 from specray.spec.types import AcceptResult, DraftTree, SpecStats
 from specray.spec.verify import verify_greedy, verify_sampling
 
@@ -102,16 +102,18 @@ class SpeculativeDecoder:
             capture_layer=capture,
         )  # [sum N, V]
         node_q = eng.backend.captured_q if capture is not None else None  # [sum N, Hq, D]
+        row_params = [s.params for s, t in zip(seqs, trees, strict=True) for _ in range(t.num_nodes)]
+        probs = None if all(p.greedy for p in row_params) else warp_rows(logits, row_params)  # [sum N, V]
         results: list[AcceptResult] = []
         offset = 0
         for seq, tree in zip(seqs, trees, strict=True):
-            rows = logits[offset : offset + tree.num_nodes]
+            rows = slice(offset, offset + tree.num_nodes)
             offset += tree.num_nodes
             if seq.params.greedy:
-                results.append(verify_greedy(tree, rows))
+                results.append(verify_greedy(tree, logits[rows]))
             else:
                 gen = seq.generator if seq.generator is not None else eng.sampler.generator
-                results.append(verify_sampling(tree, warp_request(rows, seq.params), gen))
+                results.append(verify_sampling(tree, probs[rows], gen))
         self._sync()
         t2 = time.perf_counter()
 

@@ -16,6 +16,8 @@ wins, so a tree depends only on the expand callback's values, never on `torch.to
 
 `tree_size` and the `*_size` helpers give the node count N (root included) of a configuration
 without running anything; the `validate_*` helpers raise `ValueError` naming the offending field.
+`stable_topk` (deterministic ties) and `sample_tokens` (exponential-race draws from a generator)
+are the tensor primitives the builders and the verifier share.
 """
 
 from __future__ import annotations
@@ -159,6 +161,20 @@ def stable_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return vals.gather(1, order), cols.gather(1, order)
 
 
+def sample_tokens(probs: Tensor, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
+    """num_samples i.i.d. draws per row of non-negative (not necessarily normalised) fp32 probs [R, V]
+    -> [R, num_samples] int64, by the exponential race argmax(p / E), E ~ Exp(1) (one fused pass;
+    torch.multinomial costs far more per call on CPU). All noise from `generator` (None: default)."""
+    rows, vocab = probs.shape
+    if num_samples == 1:  # the common case, one op less
+        noise = torch.empty(rows, vocab, dtype=torch.float32, device=probs.device)  # [R, V]
+        noise.exponential_(generator=generator).clamp_(min=1e-30)  # a 0 would make 0 / 0 = NaN win
+        return probs.div(noise).argmax(dim=-1, keepdim=True)  # [R, 1]
+    noise = torch.empty(rows, num_samples, vocab, dtype=torch.float32, device=probs.device)  # [R, S, V]
+    noise.exponential_(generator=generator).clamp_(min=1e-30)
+    return probs.unsqueeze(1).div(noise).argmax(dim=-1)  # [R, S]
+
+
 def _check_rows(out: Tensor, nodes: list[int], what: str) -> Tensor:
     if out.dim() != 2 or out.shape[0] != len(nodes):
         raise ValueError(f"expand returned {what} of shape {tuple(out.shape)} for {len(nodes)} nodes")
@@ -225,7 +241,7 @@ def build_dynamic(root: int, depth: int, top_k: int, budget: int, expand: Expand
     `depth` times."""
     validate_dynamic(depth, top_k, budget)
     tokens, parents, depths = [root], [-1], [0]
-    cum_all: list[float] = [0.0]  # cumulative log-prob of every drafted node (host copy)
+    level_cums: list[Tensor] = []  # [n * k] cumulative log-probs of each drafted level, node order
     to_expand = [0]
     to_expand_cum: Tensor | None = None  # [len(to_expand)] (None: root)
     for d in range(1, depth + 1):
@@ -233,20 +249,24 @@ def build_dynamic(root: int, depth: int, top_k: int, budget: int, expand: Expand
         logp = _check_rows(expand(tree, to_expand), to_expand, "log-probs")  # [n, V]
         if top_k > logp.shape[1]:
             raise ValueError(f"top_k={top_k} exceeds the vocabulary size {logp.shape[1]}")
+        n = len(to_expand)
         child_logp, child_tok = stable_topk(logp, top_k)  # [n, k] each
         child_cum = child_logp if to_expand_cum is None else to_expand_cum.unsqueeze(1) + child_logp  # [n, k]
         level_cum = child_cum.reshape(-1)  # [n * k] in (parent, rank) order = node index order
-        start = len(tokens)
-        for parent, toks in zip(to_expand, child_tok.tolist(), strict=True):
-            tokens.extend(toks)
-            parents.extend([parent] * top_k)
-            depths.extend([d] * top_k)
-        cum_all.extend(level_cum.tolist())
-        if d < depth:
-            k = min(top_k, level_cum.numel())
-            best_cum, best = stable_topk(level_cum.unsqueeze(0), k)  # [1, k]
-            to_expand = [start + i for i in best[0].tolist()]
+        level_cums.append(level_cum)
+        if d < depth:  # the level's best top_k go on; fetched with the tokens in one transfer
+            best_cum, best = stable_topk(level_cum.unsqueeze(0), top_k)  # [1, k]; the level has >= k nodes
+            host = torch.cat([child_tok.reshape(-1), best[0]]).tolist()
             to_expand_cum = best_cum[0]
+        else:
+            host = child_tok.reshape(-1).tolist()
+        start = len(tokens)
+        tokens.extend(host[: n * top_k])
+        for parent in to_expand:
+            parents.extend([parent] * top_k)
+        depths.extend([d] * (n * top_k))
+        to_expand = [start + i for i in host[n * top_k :]]
+    cum_all = [0.0, *torch.cat(level_cums).tolist()]  # every drafted node's score, node order
 
     # Rerank: best-first growth from the root over (score descending, index ascending).
     children: list[list[int]] = [[] for _ in tokens]
@@ -288,7 +308,7 @@ def build_chain_sampled(
         tree = DraftTree.chain(root, tokens[1:])
         probs = _check_rows(expand_probs(tree, [len(tokens) - 1]), [0], "probs")  # [1, V]
         rows.append(probs[0])
-        tokens.append(int(torch.multinomial(probs, 1, replacement=True, generator=generator).item()))
+        tokens.append(int(sample_tokens(probs, 1, generator).item()))
     draft_probs = torch.stack(rows + [torch.zeros_like(rows[0])])  # [N, V]
     return DraftTree([root, *tokens[1:]], [-1, *range(length)], list(range(length + 1)), draft_probs, True)
 
@@ -311,7 +331,7 @@ def build_tree_sampled(
         tree = DraftTree(list(tokens), list(parents), list(depths))
         probs = _check_rows(expand_probs(tree, level), level, "probs")  # [n, V]
         rows.append(probs)
-        draws = torch.multinomial(probs, width, replacement=True, generator=generator).tolist()  # [n, w]
+        draws = sample_tokens(probs, width, generator).tolist()  # [n, w]
         start = len(tokens)
         for parent, toks in zip(level, draws, strict=True):
             tokens.extend(toks)

@@ -16,9 +16,10 @@ Sampling, at the current node u with target distribution p = target_probs[u]:
     fresh independent draw from q, so by induction the node's outcome (accepted child's token, or
     the bonus drawn from the final residual) is distributed as p. The residual sequence does not
     depend on which tokens were rejected, so it is computed for all nodes at once. Rejection in a
-    round has probability sum(max(p - q, 0)), the residual's mass; when that mass is (numerically)
-    zero, p == q and the round accepts with certainty, so it is treated as an acceptance (a
-    rejection there is only rounding noise, and normalising the noise would be wrong).
+    round has probability sum(max(p - q, 0)), the residual's mass. When that mass is (numerically)
+    zero, p == q and the round accepts bar rounding; a rejection there is rounding noise, and
+    normalising the noise would give a meaningless distribution, so the residual is left as it was
+    (p itself is the exact distribution in that case). The bias is at most the cut-off, 1e-6.
   * deterministic candidates: accepting child x with probability p[x], else zeroing p[x] and
     renormalising, child after child, then drawing the bonus from what is left, yields each child's
     token with probability p[x] and any other token y with probability p[y]. That is the same law as
@@ -30,13 +31,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from specray.spec.trees import sample_tokens
 from specray.spec.types import AcceptResult, DraftTree
 
-_TINY = 1e-30  # floor for exponential noise
 _ZERO_MASS = 1e-6  # a residual lighter than this is rounding noise: the round accepts (see docstring)
+_ZERO_MASS_T = torch.tensor(_ZERO_MASS)  # 0-dim CPU tensor: a scalar operand on any device, no re-wrapping
 
 
 def _check(tree: DraftTree, target: Tensor, what: str) -> None:
@@ -66,14 +69,6 @@ def verify_greedy(tree: DraftTree, target_logits: Tensor) -> AcceptResult:
     return _walk(tree, target_logits.argmax(dim=-1).tolist())
 
 
-def _draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
-    """One token per row of non-negative (not necessarily normalised) probs [R, V] -> [R] int64,
-    by the exponential race argmax(p / E), E ~ Exp(1)."""
-    noise = torch.empty(probs.shape, dtype=torch.float32, device=probs.device)
-    noise.exponential_(generator=generator)
-    return (probs / noise.clamp_(min=_TINY)).argmax(dim=-1)
-
-
 def verify_sampling(
     tree: DraftTree,
     target_probs: Tensor,
@@ -82,12 +77,14 @@ def verify_sampling(
     """Lossless rejection-sampling verification (see the module docstring).
 
     target_probs: [N, V] warped target distributions (rows sum to 1), row i conditioned on the path
-    to node i. tree.draft_probs ([N, V]) is required when tree.sampled_children. All randomness comes
-    from `generator` (None: torch's default), which must live on target_probs' device."""
+    to node i. When tree.sampled_children, tree.draft_probs ([N, V]) is required, its rows of nodes
+    with children summing to 1 (as `warp_logits` gives; they are not renormalised here). All
+    randomness comes from `generator` (None: torch's default), which must live on target_probs'
+    device."""
     _check(tree, target_probs, "target_probs")
     p = target_probs.float()  # [N, V]
     if not tree.sampled_children:
-        return _walk(tree, _draw(p, generator).tolist())
+        return _walk(tree, sample_tokens(p, 1, generator).view(-1).tolist())
 
     if tree.draft_probs is None:
         raise ValueError("tree.sampled_children is set but tree.draft_probs is None")
@@ -97,58 +94,64 @@ def verify_sampling(
     num_kids = [len(c) for c in children]
     max_kids = max(num_kids)
     if max_kids == 0:  # a lone root: the bonus is a plain draw from the target
-        return AcceptResult(path=[0], bonus=int(_draw(p[:1], generator).item()))
+        return AcceptResult(path=[0], bonus=int(sample_tokens(p[:1], 1, generator).item()))
     device = p.device
     num = tree.num_nodes
-    kid_tok = torch.tensor(
-        [[tree.tokens[c] for c in kids] + [0] * (max_kids - len(kids)) for kids in children], device=device
-    )  # [N, K] child tokens, padded
-    q = tree.draft_probs.to(device=device, dtype=torch.float32)  # [N, V]; leaf rows 0
-    q = q / q.sum(dim=-1, keepdim=True).clamp_(min=_TINY)
+    # Host-built per-node index data (numpy builds it several times faster than torch.tensor from
+    # lists): child tokens, padded with 0, and the child count.
+    kid_np = np.zeros((num, max_kids), dtype=np.int64)  # [N, K]
+    for u, kids in enumerate(children):
+        kid_np[u, : len(kids)] = [tree.tokens[c] for c in kids]
+    kid_tok = torch.from_numpy(kid_np).to(device)  # [N, K]
+    kid_count = torch.from_numpy(np.asarray(num_kids, dtype=np.int64).reshape(num, 1)).to(device)  # [N, 1]
+    q = tree.draft_probs.to(device=device, dtype=torch.float32)  # [N, V]; rows sum to 1 (leaves: 0)
 
     # Residual after j rejections at a node: r_j = max(p - c_j q, 0) / m_j (p's own scale, no need to
     # normalise it), with c_0 = 0, m_0 = sum(p), c_{j+1} = c_j + m_j: on the support of r_j,
     # r_j - q = (p - (c_j + m_j) q) / m_j, and off it both sides are <= 0. Only the masses need the
     # vocabulary, so each round is one [N, V] pass; the rest works on the children's entries.
-    c = torch.zeros(num, 1, device=device)  # [N, 1]
     m = p.sum(dim=-1, keepdim=True)  # [N, 1]
-    c_hist, m_hist, degenerate = [c], [m], []
-    for _ in range(max_kids):
+    c = torch.zeros_like(m)  # [N, 1]
+    c_hist, m_hist = [c], [m]
+    for _ in range(max_kids - 1):
         c_next = c + m
-        m_next = (p - c_next * q).clamp_(min=0.0).sum(dim=-1, keepdim=True)  # [N, 1]
-        # Rejection probability of this round = m_next / m; ~0 means p == q and the round accepts.
-        deg = m_next <= _ZERO_MASS * m  # [N, 1]
-        degenerate.append(deg)
-        c = torch.where(deg, c, c_next)  # a (measure-zero) rejection there leaves the residual as is
-        m = torch.where(deg, m, m_next)
+        m_next = torch.addcmul(p, c_next, q, value=-1.0).relu_().sum(dim=-1, keepdim=True)  # [N, 1]
+        # The round's rejection probability is m_next / m. If that is ~0, p == q up to rounding: the
+        # round accepts bar rounding noise, and a (measure-zero) rejection there keeps the residual
+        # as it is rather than normalising noise (bias at most _ZERO_MASS).
+        keep = m_next.le(m * _ZERO_MASS_T)  # [N, 1]
+        c = torch.where(keep, c, c_next)
+        m = torch.where(keep, m, m_next)
         c_hist.append(c)
         m_hist.append(m)
+    c_next = c + m  # after the last round only c is needed (for the bonus)
+    m_next = torch.addcmul(p, c_next, q, value=-1.0).relu_().sum(dim=-1, keepdim=True)
+    c_hist.append(torch.where(m_next.le(m * _ZERO_MASS_T), c, c_next))
     cs = torch.cat(c_hist, dim=1)  # [N, K + 1]
-    ms = torch.cat(m_hist, dim=1)  # [N, K + 1]
-    # Child j is tested against r_j: accept with min(1, r_j[x] / q[x]). A token q gives no mass to
-    # (not drawable from q) gets ratio inf if the residual allows it, 0 otherwise.
+    ms = torch.cat(m_hist, dim=1)  # [N, K]
+    # Child j is tested against r_j: accept iff u < r_j[x] / q[x] (u < 1, so no min(1, .) needed;
+    # m_j > 0 always). A token q gives no mass to (so not a draw from q) gets r / 0 = inf (accept) if
+    # r_j allows it, else 0 / 0 = NaN, and u < NaN is False (reject).
     q_x = q.gather(1, kid_tok)  # [N, K]
-    r_x = (p.gather(1, kid_tok) - cs[:, :-1] * q_x).clamp_(min=0.0)  # [N, K] unnormalised r_j[x]
-    ratio = (r_x / (ms[:, :-1] * q_x).clamp_(min=_TINY)).clamp_(max=1.0)  # [N, K]
-    accept_prob = torch.where(torch.cat(degenerate, dim=1) & (r_x > 0), 1.0, ratio)  # [N, K]
+    r_x = torch.addcmul(p.gather(1, kid_tok), cs[:, :-1], q_x, value=-1.0).relu_()  # [N, K] unnormalised
+    ratio = r_x / (ms * q_x)  # [N, K]
     # Bonus distribution at a node whose children were all rejected (leaves: c = 0, i.e. p).
-    c_final = cs.gather(1, torch.tensor(num_kids, device=device).unsqueeze(1))  # [N, 1]
-    final = (p - c_final * q).clamp_(min=0.0)  # [N, V] unnormalised
+    final = torch.addcmul(p, cs.gather(1, kid_count), q, value=-1.0).relu_()  # [N, V] unnormalised
 
     uniforms = torch.rand(num, max_kids, device=device, generator=generator)  # [N, K]
-    accepted = (uniforms < accept_prob).tolist()  # [N][K]
-    bonus = _draw(final, generator).tolist()  # [N]
+    bonus = sample_tokens(final, 1, generator)  # [N, 1]
+    host = torch.cat([uniforms.lt(ratio), bonus], dim=1).tolist()  # [N][K + 1] one transfer: accepts, bonus
 
     path = [0]
     node = 0
     while children[node]:
-        acc = accepted[node]
+        acc = host[node]
         nxt = next((c for j, c in enumerate(children[node]) if acc[j]), None)
         if nxt is None:
             break
         path.append(nxt)
         node = nxt
-    return AcceptResult(path=path, bonus=bonus[node])
+    return AcceptResult(path=path, bonus=host[node][max_kids])
 
 
 def verify_batch(
