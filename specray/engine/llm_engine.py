@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import torch
 
-from specray.config import EngineConfig
+from specray.config import EngineConfig, SpeculativeConfig
 from specray.engine.attention import TorchAttentionBackend, TritonAttentionBackend
 from specray.engine.kv_cache import KVCache, KVCacheSpec, PageAllocator, num_pages_for, pages_needed
 from specray.engine.model_runner import ModelRunner
@@ -49,7 +49,15 @@ class LLMEngine:
         self.checkpoint = ckpt
         self.tokenizer = ckpt.tokenizer if not config.skip_tokenizer_init else None
         if config.tokenizer is not None and not config.skip_tokenizer_init:
-            self.tokenizer = load_checkpoint(config.tokenizer).tokenizer
+            from pathlib import Path
+
+            from specray.models.tokenizer import Tokenizer
+
+            tok = Path(config.tokenizer)
+            if tok.is_dir() and not (tok / "config.json").exists():  # a tokenizer-only directory
+                self.tokenizer = Tokenizer.from_hf_dir(tok)
+            else:
+                self.tokenizer = load_checkpoint(config.tokenizer).tokenizer
         self.arch = ModelArch.from_hf_config(ckpt.hf_config)
         self.max_model_len = config.scheduler.max_model_len or self.arch.max_position_embeddings
         eos = set(ckpt.generation.eos_token_ids) | set(self.arch.eos_token_ids)
@@ -88,7 +96,19 @@ class LLMEngine:
             from specray.spec.proposers import build_proposer
             from specray.spec.step import SpeculativeDecoder
 
-            self.spec = SpeculativeDecoder(self, build_proposer(self))
+            self.spec = SpeculativeDecoder(self, build_proposer(self, config.speculative_config),
+                                           config.speculative_config)
+
+    def set_speculative_config(self, cfg: SpeculativeConfig | None) -> None:
+        """Swap the speculation method between requests (benchmarks, in-process A/B); None = plain AR."""
+        if self.has_unfinished_requests():
+            raise RequestError("cannot change speculation while requests are running")
+        from specray.spec.proposers import build_proposer
+        from specray.spec.step import SpeculativeDecoder
+
+        self.spec = None
+        if cfg is not None and cfg.method != "none":
+            self.spec = SpeculativeDecoder(self, build_proposer(self, cfg), cfg)
 
     # ---- requests ------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from specray.config import TreeConfig
+from specray.config import SpeculativeConfig, TreeConfig
 from specray.engine.sampler import warp_logits
 from specray.engine.sampling_params import SamplingParams
 from specray.spec.types import AcceptResult, DraftTree
@@ -75,8 +75,9 @@ def warp_rows(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tenso
     return warp_logits(logits.float(), knobs[:, 0], knobs[:, 1].long(), knobs[:, 2], knobs[:, 3])
 
 
-def build_proposer(engine: LLMEngine) -> Proposer | None:
-    cfg = engine.config.speculative_config
+def build_proposer(engine: LLMEngine, cfg: SpeculativeConfig | None = None) -> Proposer | None:
+    """The proposer for `cfg` (default: the engine's own speculative_config) attached to `engine`."""
+    cfg = cfg if cfg is not None else engine.config.speculative_config
     if cfg is None or cfg.method == "none":
         return None
     if cfg.method == "ngram":
@@ -91,6 +92,10 @@ def build_proposer(engine: LLMEngine) -> Proposer | None:
         from specray.spec.sparse_self import SparseSelfProposer
 
         return SparseSelfProposer(engine, cfg)
+    if cfg.method == "longspec":
+        from specray.spec.longspec import LongSpecProposer
+
+        return LongSpecProposer(engine, cfg)
     from specray.errors import ConfigError
 
     raise ConfigError(f"speculative_config.method {cfg.method!r} is not implemented yet")

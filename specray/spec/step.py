@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from specray.config import SpeculativeConfig
 from specray.engine.attention import TreeAttention
 from specray.engine.kv_cache import KVCache, pages_needed
 from specray.engine.sequence import Sequence
@@ -49,10 +50,11 @@ def commit_kv(cache: KVCache, pages: list[int], prefix_len: int, path: list[int]
 
 
 class SpeculativeDecoder:
-    def __init__(self, engine: LLMEngine, proposer: Proposer):
+    def __init__(self, engine: LLMEngine, proposer: Proposer, spec_cfg: SpeculativeConfig):
         self.engine = engine
         self.proposer = proposer
-        tree_cfg = engine.config.speculative_config.tree
+        self.spec_cfg = spec_cfg
+        tree_cfg = spec_cfg.tree
         self.max_nodes = max(tree_cfg.num_nodes, tree_cfg.max_build_nodes)  # scratch slots to reserve
         self.stats = SpecStats()
         self.timings = {"draft_s": 0.0, "verify_s": 0.0, "commit_s": 0.0}
