@@ -128,8 +128,9 @@ def main() -> None:
     for r in rows:
         r.pop("tokens")
     with open(args.out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"),
-                   "torch": torch.__version__, "rows": rows}, f, indent=2)
+        device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+        json.dump({"device": device, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "rows": rows},
+                  f, indent=2)
     print(f"{'context':>8} {'method':<30} {'accept len':>10} {'tok/s':>8} {'speedup':>8} {'=AR':>4}")
     for r in sorted(rows, key=lambda r: r["context"]):
         acc = r.get("mean_acceptance_length")

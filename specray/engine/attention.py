@@ -161,6 +161,33 @@ class TorchAttentionBackend:
         return out
 
 
+def hybrid_tree_attention(
+    q: torch.Tensor,  # [n, Hq, D] one sequence's tree queries
+    out_prefix: torch.Tensor,  # [n, Hq, D] attention over the committed prefix (no mask)
+    lse_prefix: torch.Tensor,  # [n, Hq] fp32 natural-log LSE of that part (-inf: empty prefix)
+    k_tree: torch.Tensor,  # [M, Hkv, D] the tree nodes' keys
+    v_tree: torch.Tensor,  # [M, Hkv, D]
+    mask: torch.Tensor,  # [n, M] bool ancestor-or-self
+    scale: float,
+) -> torch.Tensor:  # [n, Hq, D]
+    """LongSpec's Hybrid Tree Attention merge: tree-masked attention among the nodes, combined with the
+    prefix part by exact log-sum-exp weighting."""
+    n, hq, d = q.shape
+    group = hq // k_tree.shape[1]
+    kt = k_tree.float().repeat_interleave(group, dim=1)  # [M, Hq, D]
+    vt = v_tree.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("nhd,mhd->hnm", q.float(), kt) * scale
+    scores = scores.masked_fill(~mask[None], float("-inf"))  # [Hq, n, M]
+    lse_tree = torch.logsumexp(scores, dim=-1)  # [Hq, n]; every node sees itself, so finite
+    out_tree = torch.einsum("hnm,mhd->nhd", torch.exp(scores - lse_tree[..., None]), vt)
+    lse_tree = lse_tree.t()  # [n, Hq]
+    top = torch.maximum(lse_prefix, lse_tree)
+    w_prefix = torch.exp(lse_prefix - top)[..., None]  # 0 for an empty prefix
+    w_tree = torch.exp(lse_tree - top)[..., None]
+    merged = (out_prefix.float() * w_prefix + out_tree * w_tree) / (w_prefix + w_tree)
+    return merged.to(q.dtype)
+
+
 def gather_kv_batch(cache: KVCache, layer: int, page_rows: torch.Tensor, seq_len: int):
     """page_rows [G, P] -> keys, values [G, seq_len, Hkv, D] of G sequences of equal length."""
     ps = cache.spec.page_size
@@ -203,6 +230,35 @@ class TritonAttentionBackend:
         )
         self.max_batch_size = max_batch_size
 
+    def _hybrid_tree(self, layer: int, q: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """Tree steps: prefix through the paged split-KV kernel (one row per tree query, with LSE),
+        tree part dense over the few node keys, exact LSE merge."""
+        out = torch.empty_like(q)
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        ps = self.cache.spec.page_size
+        qsl = meta.query_start_loc_cpu
+        for s, seq_len in enumerate(meta.seq_lens_cpu):
+            a, b = qsl[s], qsl[s + 1]
+            tree = meta.trees[s]
+            m = tree.key_positions.shape[0]
+            prefix = seq_len - m
+            n = b - a
+            row = meta.page_tables[s]
+            if prefix > 0:
+                dec = self.decoder_for(n)
+                tables = row[None].expand(n, -1).contiguous()
+                lens = torch.full((n,), prefix, dtype=torch.int32, device=q.device)
+                o_p, lse_p = dec.run(q[a:b], kc, vc, tables, lens, scale)
+            else:
+                o_p = torch.zeros_like(q[a:b])
+                lse_p = torch.full(q[a:b].shape[:2], float("-inf"), device=q.device)
+            pos = torch.arange(prefix, seq_len, device=q.device)
+            slots = row.long()[pos // ps] * ps + pos % ps
+            k_t = kc.view(-1, *kc.shape[2:])[slots]  # [M, Hkv, D]
+            v_t = vc.view(-1, *vc.shape[2:])[slots]
+            out[a:b] = hybrid_tree_attention(q[a:b], o_p, lse_p, k_t, v_t, tree.mask.to(q.device), scale)
+        return out
+
     def decoder_for(self, batch_size: int):
         if batch_size not in self._decoders:
             self._decoders[batch_size] = self._make(batch_size)
@@ -212,6 +268,8 @@ class TritonAttentionBackend:
         write_kv(self.cache, layer, k, v, meta.slot_mapping)
         if meta.capture_layer == layer:
             self.captured_q = q.clone()
+        if meta.trees is not None and sliding_window is None:
+            return self._hybrid_tree(layer, q, meta, scale)
         if meta.decode_only and meta.trees is None:
             dec = self.decoder_for(q.shape[0])
             out, _ = dec.run(q, self.cache.k[layer], self.cache.v[layer], meta.page_tables, meta.seq_lens,

@@ -237,6 +237,7 @@ class DraftModelProposer:
             w = len(st.ctx)
 
             def logits_fn(tree: DraftTree, nodes: list[int], st=st, w=w) -> torch.Tensor:
+                dev = self.engine.device
                 mask = tree.ancestor_mask()[nodes]  # [n, N]
                 for i in nodes:
                     st.expanded[_path(tree, i)] = i
@@ -244,7 +245,7 @@ class DraftModelProposer:
                     pages=[st.pages], tokens=[[tree.tokens[i] for i in nodes]],
                     positions=[[w + tree.depths[i] for i in nodes]], cache_positions=[[w + i for i in nodes]],
                     seq_lens=[w + tree.num_nodes],
-                    trees=[TreeAttention(mask=mask, key_positions=w + torch.tensor(tree.depths))],
+                    trees=[TreeAttention(mask=mask.to(dev), key_positions=(w + torch.tensor(tree.depths)).to(dev))],
                 )
 
             gen = seq.generator if seq.generator is not None else self.engine.sampler.generator

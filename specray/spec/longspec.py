@@ -26,8 +26,9 @@ Data this module owns:
   The self-attention K/V of a token depend only on its embedding and position (the first sub-layer
   sees only its own normed embedding), so catching up on committed tokens is one batched projection
   of at most `window` newest tokens and accepted tokens are simply re-projected at commit;
-- one per-step scratch `[S, Hkv, D]` (S = the most tree nodes a build expands, <= tree nodes) for the
-  K/V of the tree nodes being drafted, shared by the sequences (drafted one after another).
+- one per-step scratch `[S, Hkv, D]` for the K/V of the tree nodes being drafted, shared by the
+  sequences (drafted one after another); S = the nodes a build expands (`max_expanded_nodes`: chain
+  length, 1 + sum(shape[:-1]) for beam, 1 + (depth - 1) * top_k for dynamic), constant per config.
 Nothing is proportional to the context length: `kv_bytes()` = rings + scratch. The target's verified
 last-layer K/V are read (gathered per drafted sequence, transiently) from the engine's paged cache.
 
@@ -41,7 +42,7 @@ Weights (`speculative_config.model`):
   `LlamaGlideDecoderLayer.save_pretrained`): `*.safetensors` or `pytorch_model*.bin`, keys mapped:
 
   ======================================================  ==================================================
-  released key (optional prefix `draft_model.`/`model.`)   ours
+  released key (prefix `draft_model.`/`model.` stripped)   ours
   ======================================================  ==================================================
   input_layernorm.weight                                  input_layernorm.weight
   self_attn.{q,k,v}_proj.weight                           self_attn.qkv_proj.weight  (rows q; k; v)
@@ -230,9 +231,13 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def _strip_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    for prefix in ("draft_model.", "model."):
-        if tensors and all(k.startswith(prefix) for k in tensors):
-            return {k[len(prefix) :]: v for k, v in tensors.items()}
+    """The draft layer's tensors without a wrapper prefix: `draft_model.*` (a whole `Qwen2Glide` state
+    dict, whose `model.*` / `lm_head.*` target tensors are dropped) or an all-`model.*` layer."""
+    drafts = {k[len("draft_model.") :]: v for k, v in tensors.items() if k.startswith("draft_model.")}
+    if drafts:
+        return drafts
+    if tensors and all(k.startswith("model.") for k in tensors):
+        return {k[len("model.") :]: v for k, v in tensors.items()}
     return tensors
 
 
@@ -402,6 +407,9 @@ class _Drafter:
 
 
 class LongSpecProposer:
+    """The `Proposer` for method `longspec`. `window` overrides the checkpoint's (ours stores one; else
+    512). Per request: a `_RingState`, created at the first `propose`, dropped at `release`."""
+
     def __init__(self, engine: LLMEngine, cfg: SpeculativeConfig, window: int | None = None):
         self.engine = engine
         self.cfg = cfg

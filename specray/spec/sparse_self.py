@@ -105,12 +105,13 @@ class SparseSelfProposer:
             p = seq.num_computed
 
             def logits_fn(tree: DraftTree, nodes: list[int], seq=seq, p=p) -> torch.Tensor:
+                dev = self.engine.device
                 mask = tree.ancestor_mask()[nodes]
                 return self.runner.forward_tokens(
                     pages=[seq.pages], tokens=[[tree.tokens[i] for i in nodes]],
                     positions=[[p + tree.depths[i] for i in nodes]], cache_positions=[[p + i for i in nodes]],
                     seq_lens=[p + tree.num_nodes],
-                    trees=[TreeAttention(mask=mask, key_positions=p + torch.tensor(tree.depths))],
+                    trees=[TreeAttention(mask=mask.to(dev), key_positions=(p + torch.tensor(tree.depths)).to(dev))],
                 )
 
             gen = seq.generator if seq.generator is not None else self.engine.sampler.generator

@@ -25,9 +25,9 @@ if TYPE_CHECKING:
     from specray.engine.llm_engine import LLMEngine
 
 
-def tree_attention(tree: DraftTree, prefix_len: int) -> TreeAttention:
+def tree_attention(tree: DraftTree, prefix_len: int, device: torch.device | str = "cpu") -> TreeAttention:
     depths = torch.tensor(tree.depths, dtype=torch.int64)
-    return TreeAttention(mask=tree.ancestor_mask(), key_positions=prefix_len + depths)
+    return TreeAttention(mask=tree.ancestor_mask().to(device), key_positions=(prefix_len + depths).to(device))
 
 
 @torch.inference_mode()
@@ -100,7 +100,7 @@ class SpeculativeDecoder:
             positions=[[p + d for d in t.depths] for p, t in zip(prefix, trees, strict=True)],
             cache_positions=[list(range(p, p + t.num_nodes)) for p, t in zip(prefix, trees, strict=True)],
             seq_lens=[p + t.num_nodes for p, t in zip(prefix, trees, strict=True)],
-            trees=[tree_attention(t, p) for p, t in zip(prefix, trees, strict=True)],
+            trees=[tree_attention(t, p, eng.device) for p, t in zip(prefix, trees, strict=True)],
             capture_layer=capture,
         )  # [sum N, V]
         node_q = eng.backend.captured_q if capture is not None else None  # [sum N, Hq, D]

@@ -32,3 +32,29 @@ def test_triton_backend_and_fused_ops_match_torch_backend(tmp_path, family):
     ref = run("torch", False)
     assert run("triton", False) == ref
     assert run("triton", True) == ref
+
+
+def test_speculative_steps_on_the_triton_backend_equal_ar(tmp_path):
+    """Tree verification and tree drafting through Hybrid Tree Attention give AR's greedy tokens."""
+    from specray.config import SpeculativeConfig, TreeConfig
+    from tests.support.tiny import perturbed_copy
+
+    target = make_checkpoint(tmp_path / "t", "qwen2", vocab_size=128, max_position_embeddings=256, tokenizer=False)
+    draft = perturbed_copy(target, tmp_path / "d", scale=0.3, num_hidden_layers=1)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    prompts = [list(range(5, 45)), [7, 8, 9, 7, 8, 9, 7, 8], list(range(100, 120))]
+
+    def run(backend: str, spec):
+        engine = LLMEngine(EngineConfig(
+            model=str(target), device=device, dtype="float32", attention_backend=backend, skip_tokenizer_init=True,
+            cache=CacheConfig(page_size=8, num_pages=64),
+            scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=128),
+            speculative_config=spec,
+        ))
+        outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+        return [o.token_ids for o in outs]
+
+    ref = run("torch", None)
+    beam = SpeculativeConfig(method="draft_model", model=str(draft), tree=TreeConfig(kind="beam", shape=(2, 2)))
+    assert run("triton", beam) == ref
+    assert run("triton", SpeculativeConfig(method="ngram", num_speculative_tokens=3)) == ref
