@@ -167,6 +167,7 @@ class SpeculativeConfig:
     tree: TreeConfig = field(default_factory=TreeConfig)
     retrieval: RetrievalConfig | None = None  # draft_model only
     sparse: SparseConfig = field(default_factory=SparseConfig)
+    window: int | None = None  # longspec: draft self-attention window (default: checkpoint's, else 512)
     prompt_lookup_min: int = 2  # ngram
     prompt_lookup_max: int = 4  # ngram
     draft_placement: Literal["colocated", "separate"] = "colocated"
@@ -187,6 +188,8 @@ class SpeculativeConfig:
             raise ConfigError("speculative_config.model is required for method 'draft_model'")
         if self.retrieval is not None and self.method != "draft_model":
             raise ConfigError("speculative_config.retrieval applies to method 'draft_model' only")
+        if self.window is not None and self.window < 1:
+            raise ConfigError(f"speculative_config.window must be >= 1, got {self.window}")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ConfigError(
                 f"speculative_config.prompt_lookup_min ({self.prompt_lookup_min}) must be in "

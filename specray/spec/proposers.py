@@ -95,7 +95,7 @@ def build_proposer(engine: LLMEngine, cfg: SpeculativeConfig | None = None) -> P
     if cfg.method == "longspec":
         from specray.spec.longspec import LongSpecProposer
 
-        return LongSpecProposer(engine, cfg)
+        return LongSpecProposer(engine, cfg, window=cfg.window)
     from specray.errors import ConfigError
 
     raise ConfigError(f"speculative_config.method {cfg.method!r} is not implemented yet")
