@@ -30,6 +30,17 @@ class TreeAttention:
 
 
 @dataclass
+class TreeBatch:
+    """Static-shape tree step (CUDA-graph capturable): B sequences x N nodes, flattened to R = B*N rows.
+    Padding nodes see only themselves; padding sequences have prefix length 0."""
+
+    row_tables: torch.Tensor  # [R, P] int32: each row's sequence page table
+    row_prefix_lens: torch.Tensor  # [R] int32: committed prefix length of the row's sequence
+    tree_slots: torch.Tensor  # [B, N] int64: cache slots of the nodes' K/V
+    tree_mask: torch.Tensor  # [B, N, N] bool ancestor-or-self
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token
     page_tables: torch.Tensor  # [S, P] int32
@@ -45,6 +56,8 @@ class AttentionMetadata:
     trees: list[TreeAttention | None] | None = None
     # a layer whose post-RoPE queries the backend keeps in `captured_q` (retrieval scores)
     capture_layer: int | None = None
+    # static-shape tree step (CUDA graphs); replaces `trees` and the host copies
+    tree_batch: TreeBatch | None = None
 
     def mask_for(self, s: int, n_q: int, seq_len: int, window: int | None, device) -> torch.Tensor:
         """[n_q, seq_len] bool visibility of sequence s's keys to its queries."""
@@ -259,6 +272,27 @@ class TritonAttentionBackend:
             out[a:b] = hybrid_tree_attention(q[a:b], o_p, lse_p, k_t, v_t, tree.mask.to(q.device), scale)
         return out
 
+    def _hybrid_tree_batched(self, layer: int, q: torch.Tensor, tb: TreeBatch, scale: float) -> torch.Tensor:
+        """The same Hybrid Tree Attention over a static [B, N] batch: no host syncs, no Python loops."""
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        b, n = tb.tree_slots.shape
+        o_p, lse_p = self.decoder_for(b * n).run(q, kc, vc, tb.row_tables, tb.row_prefix_lens, scale)
+        hkv, d = kc.shape[2], kc.shape[3]
+        hq = q.shape[1]
+        slots = tb.tree_slots.reshape(-1)
+        k_t = kc.view(-1, hkv, d)[slots].view(b, n, hkv, d).float()
+        v_t = vc.view(-1, hkv, d)[slots].view(b, n, hkv, d).float()
+        qf = q.float().view(b, n, hkv, hq // hkv, d)
+        scores = torch.einsum("bqhgd,bkhd->bhgqk", qf, k_t) * scale  # [B, Hkv, G, N, N]
+        scores = scores.masked_fill(~tb.tree_mask[:, None, None], float("-inf"))
+        lse_t = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G, N]
+        o_t = torch.einsum("bhgqk,bkhd->bqhgd", torch.exp(scores - lse_t[..., None]), v_t).reshape(b * n, hq, d)
+        lse_t = lse_t.permute(0, 3, 1, 2).reshape(b * n, hq)
+        top = torch.maximum(lse_p, lse_t)
+        w_p = torch.exp(lse_p - top)[..., None]
+        w_t = torch.exp(lse_t - top)[..., None]
+        return ((o_p.float() * w_p + o_t * w_t) / (w_p + w_t)).to(q.dtype)
+
     def decoder_for(self, batch_size: int):
         if batch_size not in self._decoders:
             self._decoders[batch_size] = self._make(batch_size)
@@ -268,6 +302,8 @@ class TritonAttentionBackend:
         write_kv(self.cache, layer, k, v, meta.slot_mapping)
         if meta.capture_layer == layer:
             self.captured_q = q.clone()
+        if meta.tree_batch is not None:
+            return self._hybrid_tree_batched(layer, q, meta.tree_batch, scale)
         if meta.trees is not None and sliding_window is None:
             return self._hybrid_tree(layer, q, meta, scale)
         if meta.decode_only and meta.trees is None:

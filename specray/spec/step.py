@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from specray.config import SpeculativeConfig
-from specray.engine.attention import TreeAttention
+from specray.engine.attention import TreeAttention, TritonAttentionBackend
 from specray.engine.kv_cache import KVCache, pages_needed
 from specray.engine.sequence import Sequence
 from specray.spec.proposers import Proposer, warp_rows
@@ -58,6 +58,14 @@ class SpeculativeDecoder:
         self.max_nodes = max(tree_cfg.num_nodes, tree_cfg.max_build_nodes)  # scratch slots to reserve
         self.stats = SpecStats()
         self.timings = {"draft_s": 0.0, "verify_s": 0.0, "commit_s": 0.0}
+        self.capture_layer = engine.arch.num_layers - 1 if getattr(proposer, "needs_target_q", False) else None
+        self.verify_graphs = None  # CUDA: verification replays a captured graph per batch size
+        graphable = isinstance(engine.backend, TritonAttentionBackend) and engine.config.cuda_graphs
+        if engine.device.type == "cuda" and graphable and all(w is None for w in engine.arch.sliding_windows):
+            from specray.spec.verify_graph import VerifyGraphs
+
+            sizes = engine.runner.graph_batch_sizes or (1,)
+            self.verify_graphs = VerifyGraphs(engine, tree_cfg.num_nodes, sizes, self.capture_layer)
 
     def _sync(self) -> None:
         if self.engine.device.type == "cuda":
@@ -82,6 +90,20 @@ class SpeculativeDecoder:
             del seq.pages[keep:]
             self.engine.allocator.free(extra)
 
+    def _verify_eager(self, seqs: list[Sequence], trees: list[DraftTree], prefix: list[int]):
+        eng = self.engine
+        logits = eng.runner.forward_tokens(
+            pages=[s.pages for s in seqs],
+            tokens=[t.tokens for t in trees],
+            positions=[[p + d for d in t.depths] for p, t in zip(prefix, trees, strict=True)],
+            cache_positions=[list(range(p, p + t.num_nodes)) for p, t in zip(prefix, trees, strict=True)],
+            seq_lens=[p + t.num_nodes for p, t in zip(prefix, trees, strict=True)],
+            trees=[tree_attention(t, p, eng.device) for p, t in zip(prefix, trees, strict=True)],
+            capture_layer=self.capture_layer,
+        )  # [sum N, V]
+        node_q = eng.backend.captured_q if self.capture_layer is not None else None  # [sum N, Hq, D]
+        return logits, node_q
+
     def step(self, seqs: list[Sequence]) -> list[list[int]] | None:
         """New tokens for each sequence (accepted drafts + bonus), or None to run a plain AR step."""
         if not self._reserve(seqs):
@@ -93,17 +115,11 @@ class SpeculativeDecoder:
         t1 = time.perf_counter()
 
         prefix = [s.num_computed for s in seqs]  # P: the root sits at P
-        capture = eng.arch.num_layers - 1 if getattr(self.proposer, "needs_target_q", False) else None
-        logits = eng.runner.forward_tokens(
-            pages=[s.pages for s in seqs],
-            tokens=[t.tokens for t in trees],
-            positions=[[p + d for d in t.depths] for p, t in zip(prefix, trees, strict=True)],
-            cache_positions=[list(range(p, p + t.num_nodes)) for p, t in zip(prefix, trees, strict=True)],
-            seq_lens=[p + t.num_nodes for p, t in zip(prefix, trees, strict=True)],
-            trees=[tree_attention(t, p, eng.device) for p, t in zip(prefix, trees, strict=True)],
-            capture_layer=capture,
-        )  # [sum N, V]
-        node_q = eng.backend.captured_q if capture is not None else None  # [sum N, Hq, D]
+        graphs = self.verify_graphs
+        if graphs is not None and graphs.size_for(len(seqs)) and all(t.num_nodes <= graphs.n for t in trees):
+            logits, node_q = graphs.run(seqs, trees, prefix)
+        else:
+            logits, node_q = self._verify_eager(seqs, trees, prefix)
         row_params = [s.params for s, t in zip(seqs, trees, strict=True) for _ in range(t.num_nodes)]
         probs = None if all(p.greedy for p in row_params) else warp_rows(logits, row_params)  # [sum N, V]
         results: list[AcceptResult] = []
