@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -62,6 +63,22 @@ def main() -> None:
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60))
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+    engine.abort("p")
+    spec = engine.config.speculative_config
+    for name, cfg in (("AR", None), (args.method, spec)):  # decode tok/s side by side, same prompt
+        engine.set_speculative_config(cfg)
+        engine.add_request("t", ids, SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+        t0 = n0 = None
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                last = out
+                if t0 is None and len(out.token_ids) > 1:
+                    torch.cuda.synchronize()
+                    t0, n0 = time.perf_counter(), len(out.token_ids)
+        torch.cuda.synchronize()
+        rate = (len(last.token_ids) - n0) / (time.perf_counter() - t0)
+        extra = (engine.spec.stats.as_dict(), engine.spec.timings) if engine.spec else ""
+        print(f"{name}: {rate:.1f} tok/s {extra}")
 
 
 if __name__ == "__main__":
