@@ -193,12 +193,21 @@ def hybrid_tree_attention(
     scores = scores.masked_fill(~mask[None], float("-inf"))  # [Hq, n, M]
     lse_tree = torch.logsumexp(scores, dim=-1)  # [Hq, n]; every node sees itself, so finite
     out_tree = torch.einsum("hnm,mhd->nhd", torch.exp(scores - lse_tree[..., None]), vt)
-    lse_tree = lse_tree.t()  # [n, Hq]
-    top = torch.maximum(lse_prefix, lse_tree)
-    w_prefix = torch.exp(lse_prefix - top)[..., None]  # 0 for an empty prefix
-    w_tree = torch.exp(lse_tree - top)[..., None]
-    merged = (out_prefix.float() * w_prefix + out_tree * w_tree) / (w_prefix + w_tree)
-    return merged.to(q.dtype)
+    return lse_merge(out_prefix, lse_prefix, out_tree, lse_tree.t(), q.dtype)
+
+
+def lse_merge(
+    out_a: torch.Tensor,  # [R, Hq, D] attention over key set A
+    lse_a: torch.Tensor,  # [R, Hq] its natural-log LSE (-inf: A empty)
+    out_b: torch.Tensor,  # [R, Hq, D] attention over the disjoint key set B
+    lse_b: torch.Tensor,  # [R, Hq] (finite)
+    dtype: torch.dtype,
+) -> torch.Tensor:  # [R, Hq, D]: attention over A and B together
+    """Exact merge of two softmax partitions by their log-sum-exps."""
+    top = torch.maximum(lse_a, lse_b)
+    w_a = torch.exp(lse_a - top)[..., None]  # 0 for an empty A
+    w_b = torch.exp(lse_b - top)[..., None]
+    return ((out_a.float() * w_a + out_b.float() * w_b) / (w_a + w_b)).to(dtype)
 
 
 def gather_kv_batch(cache: KVCache, layer: int, page_rows: torch.Tensor, seq_len: int):
@@ -288,10 +297,7 @@ class TritonAttentionBackend:
         lse_t = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G, N]
         o_t = torch.einsum("bhgqk,bkhd->bqhgd", torch.exp(scores - lse_t[..., None]), v_t).reshape(b * n, hq, d)
         lse_t = lse_t.permute(0, 3, 1, 2).reshape(b * n, hq)
-        top = torch.maximum(lse_p, lse_t)
-        w_p = torch.exp(lse_p - top)[..., None]
-        w_t = torch.exp(lse_t - top)[..., None]
-        return ((o_p.float() * w_p + o_t * w_t) / (w_p + w_t)).to(q.dtype)
+        return lse_merge(o_p, lse_p, o_t, lse_t, q.dtype)
 
     def decoder_for(self, batch_size: int):
         if batch_size not in self._decoders:

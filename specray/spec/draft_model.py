@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from specray.config import SpeculativeConfig
-from specray.engine.attention import TorchAttentionBackend, TreeAttention, TritonAttentionBackend, gather_kv
+from specray.engine.attention import TorchAttentionBackend, TritonAttentionBackend, gather_kv
 from specray.engine.kv_cache import KVCache, KVCacheSpec, PageAllocator, pages_needed
 from specray.engine.model_runner import ModelRunner
 from specray.engine.sequence import Sequence
@@ -32,7 +32,7 @@ from specray.errors import ConfigError
 from specray.models.arch import ModelArch
 from specray.models.decoder import DecoderLM
 from specray.spec.proposers import draft_tree, warp_rows
-from specray.spec.step import commit_kv
+from specray.spec.step import commit_kv, forward_tree_nodes
 from specray.spec.types import AcceptResult, DraftTree
 
 if TYPE_CHECKING:
@@ -237,16 +237,9 @@ class DraftModelProposer:
             w = len(st.ctx)
 
             def logits_fn(tree: DraftTree, nodes: list[int], st=st, w=w) -> torch.Tensor:
-                dev = self.engine.device
-                mask = tree.ancestor_mask()[nodes]  # [n, N]
                 for i in nodes:
                     st.expanded[_path(tree, i)] = i
-                return self.runner.forward_tokens(
-                    pages=[st.pages], tokens=[[tree.tokens[i] for i in nodes]],
-                    positions=[[w + tree.depths[i] for i in nodes]], cache_positions=[[w + i for i in nodes]],
-                    seq_lens=[w + tree.num_nodes],
-                    trees=[TreeAttention(mask=mask.to(dev), key_positions=(w + torch.tensor(tree.depths)).to(dev))],
-                )
+                return forward_tree_nodes(self.runner, st.pages, tree, nodes, w)
 
             gen = seq.generator if seq.generator is not None else self.engine.sampler.generator
             trees.append(draft_tree(self.cfg.tree, seq.prompt_ids[-1] if not seq.output_ids else seq.output_ids[-1],

@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from specray.config import SparseConfig, SpeculativeConfig
-from specray.engine.attention import TreeAttention, dense_attention, gather_kv, write_kv
+from specray.engine.attention import dense_attention, gather_kv, write_kv
 from specray.engine.kv_cache import KVCache
 from specray.engine.model_runner import ModelRunner
 from specray.engine.sequence import Sequence
 from specray.errors import ConfigError
 from specray.spec.proposers import draft_tree
+from specray.spec.step import forward_tree_nodes
 from specray.spec.types import AcceptResult, DraftTree
 
 if TYPE_CHECKING:
@@ -105,14 +106,7 @@ class SparseSelfProposer:
             p = seq.num_computed
 
             def logits_fn(tree: DraftTree, nodes: list[int], seq=seq, p=p) -> torch.Tensor:
-                dev = self.engine.device
-                mask = tree.ancestor_mask()[nodes]
-                return self.runner.forward_tokens(
-                    pages=[seq.pages], tokens=[[tree.tokens[i] for i in nodes]],
-                    positions=[[p + tree.depths[i] for i in nodes]], cache_positions=[[p + i for i in nodes]],
-                    seq_lens=[p + tree.num_nodes],
-                    trees=[TreeAttention(mask=mask.to(dev), key_positions=(p + torch.tensor(tree.depths)).to(dev))],
-                )
+                return forward_tree_nodes(self.runner, seq.pages, tree, nodes, p)
 
             gen = seq.generator if seq.generator is not None else self.engine.sampler.generator
             root = seq.output_ids[-1] if seq.output_ids else seq.prompt_ids[-1]

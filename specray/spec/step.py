@@ -16,6 +16,7 @@ import torch
 from specray.config import SpeculativeConfig
 from specray.engine.attention import TreeAttention, TritonAttentionBackend
 from specray.engine.kv_cache import KVCache, pages_needed
+from specray.engine.model_runner import ModelRunner
 from specray.engine.sequence import Sequence
 from specray.spec.proposers import Proposer, warp_rows
 from specray.spec.types import AcceptResult, DraftTree, SpecStats
@@ -25,9 +26,26 @@ if TYPE_CHECKING:
     from specray.engine.llm_engine import LLMEngine
 
 
-def tree_attention(tree: DraftTree, prefix_len: int, device: torch.device | str = "cpu") -> TreeAttention:
+def tree_attention(
+    tree: DraftTree, prefix_len: int, device: torch.device | str = "cpu", rows: list[int] | None = None
+) -> TreeAttention:
+    """Tree keys at positions prefix_len + depth; queries are all nodes, or only `rows`."""
     depths = torch.tensor(tree.depths, dtype=torch.int64)
-    return TreeAttention(mask=tree.ancestor_mask().to(device), key_positions=(prefix_len + depths).to(device))
+    mask = tree.ancestor_mask() if rows is None else tree.ancestor_mask()[rows]
+    return TreeAttention(mask=mask.to(device), key_positions=(prefix_len + depths).to(device))
+
+
+def forward_tree_nodes(
+    runner: ModelRunner, pages: list[int], tree: DraftTree, nodes: list[int], base: int
+) -> torch.Tensor:
+    """Drafting forward of one sequence's tree `nodes` (node i at position base + depth, K/V written to
+    cache position base + i), attending to the first `base` cache entries and their tree ancestors.
+    Returns logits [len(nodes), V]."""
+    return runner.forward_tokens(
+        pages=[pages], tokens=[[tree.tokens[i] for i in nodes]],
+        positions=[[base + tree.depths[i] for i in nodes]], cache_positions=[[base + i for i in nodes]],
+        seq_lens=[base + tree.num_nodes], trees=[tree_attention(tree, base, runner.device, rows=nodes)],
+    )
 
 
 @torch.inference_mode()
