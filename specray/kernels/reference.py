@@ -14,7 +14,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["paged_decode_reference"]
+__all__ = [
+    "chunk_scores_reference",
+    "page_stats_reference",
+    "paged_decode_reference",
+    "sparse_page_attention_reference",
+]
 
 
 def paged_decode_reference(
@@ -70,3 +75,140 @@ def paged_decode_reference(
         out[b] = torch.einsum("hgn,nhd->hgd", probs, v).reshape(num_q_heads, head_dim)
         lse[b] = row_lse.reshape(num_q_heads)
     return out.to(q.dtype), lse
+
+
+def page_stats_reference(k_cache: torch.Tensor, page_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """UNIQUE statistics of whole pages, in fp32.
+
+    Args:
+        k_cache: [num_pages, page_size, Hkv, D] one layer's keys.
+        page_ids: [n] page ids.
+
+    Returns:
+        mean: [n, Hkv, D] fp32 mean key of each page and KV head.
+        std: [n, Hkv] fp32 sqrt(mean_j ||k_j - mean||^2) over the page's keys j.
+    """
+    keys = k_cache[page_ids.long()].float()  # [n, page_size, Hkv, D]
+    mean = keys.mean(dim=1)
+    std = ((keys - mean[:, None]) ** 2).sum(dim=-1).mean(dim=1).sqrt()
+    return mean, std
+
+
+def sparse_page_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_tables: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    scale: float,
+    budget_tokens: int,
+    *,
+    mean: torch.Tensor | None = None,
+    std: torch.Tensor | None = None,
+    std_weight: float = 0.5,
+    sink_pages: int = 1,
+    recent_pages: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor, list[list[set[int]]]]:
+    """UNIQUE page selection and attention over the kept pages, one query row at a time, in fp32.
+
+    Args:
+        q: [R, Hq, D] one row per query token.
+        k_cache, v_cache: [num_pages, page_size, Hkv, D].
+        page_tables: [R, P] int32 page table of each row's sequence.
+        prefix_lens: [R] number of prefix keys of each row.
+        scale: softmax scale.
+        budget_tokens: complete pages kept per (row, KV head): budget_tokens // page_size.
+        mean, std: optional page statistics indexed by page id ([num_pages, Hkv, D], [num_pages, Hkv]); by
+            default computed from the keys with ``page_stats_reference``.
+        std_weight, sink_pages, recent_pages: see ``specray.kernels.sparse_pages``.
+
+    Returns:
+        out: [R, Hq, D] in q.dtype (zeros for an empty prefix).
+        lse: [R, Hq] fp32 natural-log LSE over the attended keys (-inf for an empty prefix).
+        selected: selected[r][h] is the set of page-table columns of complete pages kept for row r and KV head
+            h (the partial last page is always attended and not listed).
+    """
+    rows, num_q_heads, head_dim = q.shape
+    _, page_size, num_kv_heads, _ = k_cache.shape
+    group = num_q_heads // num_kv_heads
+    budget_pages = budget_tokens // page_size
+    out = torch.zeros(rows, num_q_heads, head_dim, dtype=torch.float32, device=q.device)
+    lse = torch.full((rows, num_q_heads), float("-inf"), dtype=torch.float32, device=q.device)
+    selected: list[list[set[int]]] = []
+    for r in range(rows):
+        n = int(prefix_lens[r])
+        n_full, tail = divmod(n, page_size)
+        ids = page_tables[r, : -(-n // page_size)].long()  # pages of the prefix, the partial one included
+        qr = q[r].float().view(num_kv_heads, group, head_dim)  # [Hkv, G, D]
+        keys = k_cache[ids].float()  # [n_pages, page_size, Hkv, D]
+        values = v_cache[ids].float()
+        row_sel = []
+        for h in range(num_kv_heads):
+            if n_full <= budget_pages:
+                kept = set(range(n_full))
+            else:
+                if mean is None or std is None:
+                    mu, sd = page_stats_reference(k_cache[:, :, h : h + 1], ids[:n_full])
+                    mu, sd = mu[:, 0], sd[:, 0]  # [n_full, D], [n_full]
+                else:
+                    mu, sd = mean[ids[:n_full], h].float(), std[ids[:n_full], h].float()
+                per_head = qr[h] @ mu.T + std_weight * qr[h].norm(dim=-1)[:, None] * sd[None, :]  # [G, n_full]
+                score = per_head.max(dim=0).values  # [n_full]
+                forced = set(range(min(sink_pages, n_full))) | set(range(max(0, n_full - recent_pages), n_full))
+                rest = [c for c in torch.argsort(score, descending=True).tolist() if c not in forced]
+                kept = forced | set(rest[: budget_pages - len(forced)])
+            row_sel.append(kept)
+            cols = sorted(kept) + ([n_full] if tail else [])
+            k = torch.cat([keys[c, : page_size if c < n_full else tail, h] for c in cols]) if cols else keys[:0, 0, h]
+            v = torch.cat([values[c, : page_size if c < n_full else tail, h] for c in cols]) if cols else keys[:0, 0, h]
+            if k.shape[0] == 0:
+                continue
+            s = qr[h] @ k.T * scale  # [G, n_kept]
+            h_lse = torch.logsumexp(s, dim=-1)
+            out[r, h * group : (h + 1) * group] = torch.softmax(s, dim=-1) @ v
+            lse[r, h * group : (h + 1) * group] = h_lse
+        selected.append(row_sel)
+    return out.to(q.dtype), lse, selected
+
+
+def chunk_scores_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    page_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    chunk_size: int = 32,
+    max_chunks: int | None = None,
+) -> torch.Tensor:
+    """Cross-model Retrieval chunk scores, in fp32: softmax over all keys per query head, averaged over the
+    heads, then averaged over each complete ``chunk_size``-token chunk (the mean of
+    ``DraftModelProposer._chunk_scores``).
+
+    Args:
+        q: [B, Hq, D] one query per sequence.
+        k_cache: [num_pages, page_size, Hkv, D] one layer's keys.
+        page_tables: [B, P] int32; seq_lens: [B] number of keys of each sequence.
+        scale: softmax scale.
+        max_chunks: output width (default: (P * page_size) // chunk_size).
+
+    Returns:
+        [B, max_chunks] fp32: column c of sequence b is the score of keys [c * chunk_size, (c+1) * chunk_size)
+        for c < seq_len // chunk_size and -inf past the complete chunks.
+    """
+    batch, num_q_heads, head_dim = q.shape
+    _, page_size, num_kv_heads, _ = k_cache.shape
+    group = num_q_heads // num_kv_heads
+    if max_chunks is None:
+        max_chunks = page_tables.shape[1] * page_size // chunk_size
+    out = torch.full((batch, max_chunks), float("-inf"), dtype=torch.float32, device=q.device)
+    for b in range(batch):
+        n = int(seq_lens[b])
+        n_chunks = min(n // chunk_size, max_chunks)
+        if n_chunks == 0:
+            continue
+        ids = page_tables[b, : -(-n // page_size)].long()
+        k = k_cache[ids].reshape(-1, num_kv_heads, head_dim)[:n].float()  # [n, Hkv, D]
+        k = k.repeat_interleave(group, dim=1)  # [n, Hq, D]
+        probs = torch.softmax(torch.einsum("hd,nhd->hn", q[b].float(), k) * scale, dim=-1).mean(dim=0)  # [n]
+        out[b, :n_chunks] = probs[: n_chunks * chunk_size].view(n_chunks, chunk_size).mean(dim=1)
+    return out
