@@ -212,9 +212,20 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative_config: SpeculativeConfig | None = None
+    # distributed (specray.actors.DistributedEngine): target shards, Ray cluster, draft/verify overlap
+    tensor_parallel_size: int = 1
+    ray_address: str | None = None  # None: start a local Ray cluster; "auto" or "ray://..." to connect
+    overlap: bool = False  # draft_placement separate: draft step i+1 while the target verifies step i
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, ("auto", "float32", "float16", "bfloat16"))
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
+        spec = self.speculative_config
+        if self.overlap and (spec is None or spec.draft_placement != "separate" or spec.method != "draft_model"):
+            raise ConfigError(
+                "overlap: true needs speculative_config.method 'draft_model' with draft_placement 'separate'"
+            )
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
         _check_choice("attention_backend", self.attention_backend, ("auto", "torch", "triton"))
         object.__setattr__(self, "cuda_graph_batch_sizes", tuple(sorted(set(self.cuda_graph_batch_sizes))))

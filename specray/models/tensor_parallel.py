@@ -1,0 +1,186 @@
+"""Megatron-style tensor parallelism for `DecoderLM`: the rank-local architecture, the rank's weight
+slices, and the parallel layers (column / row / vocabulary parallel).
+
+Owns no global state: a `TPContext` names this rank's place (`rank`, `size`) and the torch.distributed
+group whose all-reduce / all-gather joins the shards. Per rank:
+
+- QKV and gate/up are column-parallel: rank r holds heads `[r*Hq/tp, (r+1)*Hq/tp)` of Q and
+  `[r*Hkv/tp, ...)` of K and V (so the KV cache is per rank, by KV head), and columns
+  `[r*I/tp, ...)` of gate and of up.
+- O and down are row-parallel: their inputs are the rank's heads / columns; the partial outputs
+  `[T, hidden]` are summed with one all-reduce, so the residual stream is replicated on every rank.
+- Embedding and LM head are vocabulary-parallel over a vocabulary padded to a multiple of tp:
+  a rank looks up only the ids in its range (zeros elsewhere, then all-reduce); the LM head makes
+  `[S, V/tp]` logits that are all-gathered to `[S, V]`.
+
+`ShardedWeightSource` presents a checkpoint's HF-named tensors already cut to the rank's slice, so the
+unchanged `DecoderLM.load_weights` loads a shard: safetensors slices are read lazily (`get_slice`),
+other sources (GGUF: dequantised) are cut after `get`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from specray.errors import ConfigError
+from specray.models.arch import ModelArch
+from specray.models.checkpoint import WeightSource
+from specray.models.decoder import DecoderLM
+from specray.models.rope import RotaryEmbedding
+
+
+@dataclass(frozen=True)
+class TPContext:
+    rank: int  # rank within the tensor-parallel group
+    size: int
+    group: Any = None  # torch.distributed ProcessGroup of the tp ranks (None: the default group)
+
+
+def check_tp(arch: ModelArch, tp: int) -> None:
+    """ConfigError unless the heads, KV heads and intermediate size divide by `tp`."""
+    for what, n in (("num_attention_heads", arch.num_heads), ("num_key_value_heads", arch.num_kv_heads),
+                    ("intermediate_size", arch.intermediate_size)):
+        if n % tp:
+            raise ConfigError(
+                f"tensor_parallel_size {tp} must divide the model's {what} ({n}): each rank holds "
+                f"{what} / tensor_parallel_size of them"
+            )
+
+
+def padded_vocab(vocab_size: int, tp: int) -> int:
+    return -(-vocab_size // tp) * tp
+
+
+def local_arch(arch: ModelArch, tp: int) -> ModelArch:
+    """The shapes one rank holds (heads, KV heads, intermediate and vocabulary divided by tp)."""
+    check_tp(arch, tp)
+    return dataclasses.replace(
+        arch, num_heads=arch.num_heads // tp, num_kv_heads=arch.num_kv_heads // tp,
+        intermediate_size=arch.intermediate_size // tp, vocab_size=padded_vocab(arch.vocab_size, tp) // tp,
+    )
+
+
+class RowParallelLinear(nn.Linear):
+    """y = x_local @ W_local^T, summed over the tp ranks (no bias: O and down have none)."""
+
+    tp_group: Any = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in/tp] -> [T, out]
+        y = F.linear(x, self.weight)
+        dist.all_reduce(y, group=self.tp_group)
+        return y
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [start, start + V/tp) of the (padded) embedding; the lookup is all-reduced over ranks."""
+
+    def __init__(self, num_local: int, dim: int, start: int, group: Any):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_local, dim))
+        self.start, self.num_local, self.group = start, num_local, group
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, hidden]
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.num_local)
+        x = F.embedding(local.masked_fill(outside, 0), self.weight)
+        x = x.masked_fill(outside[:, None], 0.0)
+        dist.all_reduce(x, group=self.group)
+        return x
+
+
+class TPDecoderLM(DecoderLM):
+    """One rank's shard of a `DecoderLM`; `arch` is the rank-local arch, `full_arch` the checkpoint's."""
+
+    def __init__(self, full: ModelArch, tp: TPContext, max_positions: int, device: torch.device | str = "cpu"):
+        arch = local_arch(full, tp.size)
+        super().__init__(arch, max_positions, device)
+        self.full_arch, self.tp = full, tp
+        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp.rank * arch.vocab_size,
+                                                   tp.group)
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.o_proj = _row_parallel(attn.o_proj, tp.group)
+            mlp.down_proj = _row_parallel(mlp.down_proj, tp.group)
+
+    @classmethod
+    def empty_shard(cls, full: ModelArch, tp: TPContext, max_positions: int, dtype: torch.dtype,
+                    device: torch.device) -> TPDecoderLM:
+        with torch.device("meta"):
+            model = cls(full, tp, max_positions, device="meta")
+        model = model.to(dtype).to_empty(device=device)
+        model.rope = RotaryEmbedding(full.rope, full.head_dim, max_positions, device)
+        return model
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [S, hidden] -> [S, V] fp32
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        local = F.linear(hidden, weight).float().contiguous()  # [S, V/tp]
+        parts = [torch.empty_like(local) for _ in range(self.tp.size)]
+        dist.all_gather(parts, local, group=self.tp.group)
+        return torch.cat(parts, dim=-1)[:, : self.full_arch.vocab_size]
+
+    def load_shard(self, source: WeightSource) -> None:
+        self.load_weights(ShardedWeightSource(source, self.full_arch, self.tp.rank, self.tp.size))
+
+
+def _row_parallel(linear: nn.Linear, group: Any) -> RowParallelLinear:
+    out = RowParallelLinear(linear.in_features, linear.out_features, bias=False, device=linear.weight.device)
+    out.tp_group = group
+    return out
+
+
+class ShardedWeightSource:
+    """A `WeightSource` whose tensors are rank `rank`'s slices (HF names, shapes of `local_arch`)."""
+
+    def __init__(self, source: WeightSource, arch: ModelArch, rank: int, size: int):
+        self.source, self.arch, self.rank, self.size = source, arch, rank, size
+        self.vocab_local = padded_vocab(arch.vocab_size, size) // size
+
+    def names(self) -> Iterable[str]:
+        return self.source.names()
+
+    def _rule(self, name: str) -> tuple[int, int] | None:
+        """(dim, rows per rank) of the slice, or None for a replicated tensor."""
+        a, tp = self.arch, self.size
+        if name.endswith(("q_proj.weight", "q_proj.bias")):
+            return 0, a.q_size // tp
+        if name.endswith(("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias")):
+            return 0, a.kv_size // tp
+        if name.endswith(("gate_proj.weight", "up_proj.weight")):
+            return 0, a.intermediate_size // tp
+        if name.endswith("o_proj.weight"):
+            return 1, a.q_size // tp
+        if name.endswith("down_proj.weight"):
+            return 1, a.intermediate_size // tp
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            return 0, self.vocab_local
+        return None
+
+    def get(self, name: str) -> torch.Tensor:
+        rule = self._rule(name)
+        if rule is None:
+            return self.source.get(name)
+        dim, n = rule
+        start = self.rank * n
+        get_slice = getattr(self.source, "get_slice", None)
+        if get_slice is not None:
+            sl = get_slice(name)
+            full_len = sl.get_shape()[dim]
+            stop = min(start + n, full_len)
+            part = sl[max(0, start):stop] if dim == 0 else sl[:, start:stop]
+        else:
+            t = self.source.get(name)
+            full_len = t.shape[dim]
+            part = t.narrow(dim, start, max(0, min(n, full_len - start))).contiguous()
+        if part.shape[dim] < n:  # the padded vocabulary tail of the last rank
+            pad = list(part.shape)
+            pad[dim] = n - part.shape[dim]
+            part = torch.cat([part, part.new_zeros(pad)], dim=dim)
+        return part
