@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("name")
     msub.add_parser("list", help="show known and cached models")
     m.set_defaults(func=_cmd_models)
+
+    from specray.pipelines.ab import add_ab_parser
+    from specray.pipelines.bench import add_bench_parser
+
+    add_bench_parser(sub)  # bench serve
+    add_ab_parser(sub)  # ab run | report
     return p
 
 
