@@ -19,6 +19,7 @@ __all__ = [
     "page_stats_reference",
     "paged_decode_reference",
     "sparse_page_attention_reference",
+    "unique_page_scores_reference",
 ]
 
 
@@ -94,6 +95,44 @@ def page_stats_reference(k_cache: torch.Tensor, page_ids: torch.Tensor) -> tuple
     return mean, std
 
 
+def unique_page_scores_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    page_tables: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    *,
+    mean: torch.Tensor | None = None,
+    std: torch.Tensor | None = None,
+    std_weight: float = 0.5,
+) -> list[torch.Tensor]:
+    """UNIQUE scores of each row's complete prefix pages, in fp32.
+
+    Args:
+        q: [R, Hq, D]; k_cache: [num_pages, page_size, Hkv, D]; page_tables: [R, P]; prefix_lens: [R].
+        mean, std: optional statistics indexed by page id ([num_pages, Hkv, D], [num_pages, Hkv]); by default
+            computed from the keys with ``page_stats_reference``.
+
+    Returns:
+        scores[r]: [Hkv, n_full_r] fp32, max over the GQA group of q.mean + std_weight * |q| * std, for the
+        page-table columns 0..n_full_r-1 (n_full_r = prefix_len // page_size).
+    """
+    rows, num_q_heads, head_dim = q.shape
+    _, page_size, num_kv_heads, _ = k_cache.shape
+    group = num_q_heads // num_kv_heads
+    scores = []
+    for r in range(rows):
+        ids = page_tables[r, : int(prefix_lens[r]) // page_size].long()
+        if mean is None or std is None:
+            mu, sd = page_stats_reference(k_cache, ids)  # [n_full, Hkv, D], [n_full, Hkv]
+        else:
+            mu, sd = mean[ids].float(), std[ids].float()
+        qr = q[r].float().view(num_kv_heads, group, head_dim)  # [Hkv, G, D]
+        per_head = torch.einsum("hgd,nhd->hgn", qr, mu)
+        per_head = per_head + std_weight * qr.norm(dim=-1)[..., None] * sd.T[:, None, :]  # [Hkv, G, n_full]
+        scores.append(per_head.amax(dim=1))
+    return scores
+
+
 def sparse_page_attention_reference(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -108,6 +147,7 @@ def sparse_page_attention_reference(
     std_weight: float = 0.5,
     sink_pages: int = 1,
     recent_pages: int = 2,
+    selected: list[list[set[int]]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[list[set[int]]]]:
     """UNIQUE page selection and attention over the kept pages, one query row at a time, in fp32.
 
@@ -118,9 +158,10 @@ def sparse_page_attention_reference(
         prefix_lens: [R] number of prefix keys of each row.
         scale: softmax scale.
         budget_tokens: complete pages kept per (row, KV head): budget_tokens // page_size.
-        mean, std: optional page statistics indexed by page id ([num_pages, Hkv, D], [num_pages, Hkv]); by
-            default computed from the keys with ``page_stats_reference``.
-        std_weight, sink_pages, recent_pages: see ``specray.kernels.sparse_pages``.
+        mean, std, std_weight: see ``unique_page_scores_reference``.
+        sink_pages, recent_pages: first / last complete pages always kept.
+        selected: optional selection to attend to instead of computing one (e.g. a kernel's, once checked to
+            differ from the reference's only by near-tied scores).
 
     Returns:
         out: [R, Hq, D] in q.dtype (zeros for an empty prefix).
@@ -132,42 +173,42 @@ def sparse_page_attention_reference(
     _, page_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
     budget_pages = budget_tokens // page_size
+    if selected is None:
+        selected = []
+        scores = unique_page_scores_reference(
+            q, k_cache, page_tables, prefix_lens, mean=mean, std=std, std_weight=std_weight
+        )
+        for r in range(rows):
+            n_full = int(prefix_lens[r]) // page_size
+            forced = set(range(min(sink_pages, n_full))) | set(range(max(0, n_full - recent_pages), n_full))
+            row_sel = []
+            for h in range(num_kv_heads):
+                if n_full <= budget_pages:
+                    row_sel.append(set(range(n_full)))
+                    continue
+                rest = [c for c in torch.argsort(scores[r][h], descending=True).tolist() if c not in forced]
+                row_sel.append(forced | set(rest[: budget_pages - len(forced)]))
+            selected.append(row_sel)
+
     out = torch.zeros(rows, num_q_heads, head_dim, dtype=torch.float32, device=q.device)
     lse = torch.full((rows, num_q_heads), float("-inf"), dtype=torch.float32, device=q.device)
-    selected: list[list[set[int]]] = []
     for r in range(rows):
         n = int(prefix_lens[r])
         n_full, tail = divmod(n, page_size)
         ids = page_tables[r, : -(-n // page_size)].long()  # pages of the prefix, the partial one included
         qr = q[r].float().view(num_kv_heads, group, head_dim)  # [Hkv, G, D]
-        keys = k_cache[ids].float()  # [n_pages, page_size, Hkv, D]
-        values = v_cache[ids].float()
-        row_sel = []
         for h in range(num_kv_heads):
-            if n_full <= budget_pages:
-                kept = set(range(n_full))
-            else:
-                if mean is None or std is None:
-                    mu, sd = page_stats_reference(k_cache[:, :, h : h + 1], ids[:n_full])
-                    mu, sd = mu[:, 0], sd[:, 0]  # [n_full, D], [n_full]
-                else:
-                    mu, sd = mean[ids[:n_full], h].float(), std[ids[:n_full], h].float()
-                per_head = qr[h] @ mu.T + std_weight * qr[h].norm(dim=-1)[:, None] * sd[None, :]  # [G, n_full]
-                score = per_head.max(dim=0).values  # [n_full]
-                forced = set(range(min(sink_pages, n_full))) | set(range(max(0, n_full - recent_pages), n_full))
-                rest = [c for c in torch.argsort(score, descending=True).tolist() if c not in forced]
-                kept = forced | set(rest[: budget_pages - len(forced)])
-            row_sel.append(kept)
-            cols = sorted(kept) + ([n_full] if tail else [])
-            k = torch.cat([keys[c, : page_size if c < n_full else tail, h] for c in cols]) if cols else keys[:0, 0, h]
-            v = torch.cat([values[c, : page_size if c < n_full else tail, h] for c in cols]) if cols else keys[:0, 0, h]
-            if k.shape[0] == 0:
+            cols = sorted(selected[r][h]) + ([n_full] if tail else [])
+            if not cols:
                 continue
+            col_t = torch.tensor(cols, device=ids.device)
+            k = k_cache[ids[col_t], :, h].float().reshape(-1, head_dim)  # [n_cols * page_size, D]
+            v = v_cache[ids[col_t], :, h].float().reshape(-1, head_dim)
+            if tail:
+                k, v = k[: k.shape[0] - page_size + tail], v[: v.shape[0] - page_size + tail]
             s = qr[h] @ k.T * scale  # [G, n_kept]
-            h_lse = torch.logsumexp(s, dim=-1)
             out[r, h * group : (h + 1) * group] = torch.softmax(s, dim=-1) @ v
-            lse[r, h * group : (h + 1) * group] = h_lse
-        selected.append(row_sel)
+            lse[r, h * group : (h + 1) * group] = torch.logsumexp(s, dim=-1)
     return out.to(q.dtype), lse, selected
 
 

@@ -165,3 +165,16 @@ def test_input_validation() -> None:
         PageStats([k, k[:-1]])
     with pytest.raises(ValueError, match="page_ids"):
         PageStats([k]).update(0, torch.tensor([1, 2], device=DEVICE))
+
+
+def test_tied_scores_accept_any_tied_selection() -> None:
+    """Identical pages tie exactly: the kernel may keep any of them, and is then checked on the pages it kept."""
+    sc = sparse_case([80, 43], 1, 1, 4, 64, 8, F32, DEVICE, seed=40)
+    k, v = sc.inputs.k_cache, sc.inputs.v_cache
+    src = sc.inputs.page_tables[0, 0].long()
+    for col in range(1, 10):  # the first sequence's complete pages all equal its first page
+        k[sc.inputs.page_tables[0, col].long()] = k[src]
+        v[sc.inputs.page_tables[0, col].long()] = v[src] + col  # values differ: the kept pages matter
+    sc.stats.update(0, sc.inputs.full_pages)
+    attn = SparsePageAttention(2, 4, 1, 64, 8, sc.row_tables.shape[1], DEVICE, budget_tokens=32, block_n=16)
+    check_sparse(attn, sc, 32, sink_pages=1, recent_pages=1)
