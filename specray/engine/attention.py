@@ -235,8 +235,9 @@ def dense_attention_batch(q, k, v, mask, scale) -> torch.Tensor:
 
 
 class TritonAttentionBackend:
-    """CUDA: decode-only steps use the Triton split-KV paged kernel (CUDA-graph safe); steps with
-    prefill chunks run torch SDPA per sequence over its gathered pages."""
+    """CUDA: decode-only steps use the Triton split-KV paged kernel (CUDA-graph safe); tree steps
+    (verification, tree drafting) the Triton Hybrid Tree Attention kernel; steps with prefill chunks run
+    torch SDPA per sequence over its gathered pages."""
 
     def __init__(self, cache: KVCache, num_q_heads: int, max_batch_size: int, max_model_len: int):
         from specray.kernels.paged_decode import PagedDecodeAttention, choose_num_splits
@@ -251,53 +252,63 @@ class TritonAttentionBackend:
             choose_num_splits(bs, spec.num_kv_heads, max_model_len, num_sms=num_sms), dev,
         )
         self.max_batch_size = max_batch_size
+        self.num_q_heads, self.max_model_len = num_q_heads, max_model_len
+        self._trees: dict[tuple[int, int], object] = {}  # (batch, nodes) -> HybridTreeAttention
+        self._tree_step: AttentionMetadata | None = None
+
+    def tree_kernel_for(self, batch: int, nodes: int):
+        """The Hybrid Tree Attention kernel sized for `batch` sequences of at most `nodes` queries each."""
+        from specray.kernels.tree_attention import HybridTreeAttention
+
+        key = (batch, nodes)
+        if key not in self._trees:
+            spec = self.cache.spec
+            self._trees[key] = HybridTreeAttention(
+                batch * nodes, batch, nodes, self.num_q_heads, spec.num_kv_heads, spec.head_dim,
+                self.max_model_len, self.cache.k[0].device,
+            )
+        return self._trees[key]
 
     def _hybrid_tree(self, layer: int, q: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """Tree steps: prefix through the paged split-KV kernel (one row per tree query, with LSE),
-        tree part dense over the few node keys, exact LSE merge."""
-        out = torch.empty_like(q)
-        kc, vc = self.cache.k[layer], self.cache.v[layer]
-        ps = self.cache.spec.page_size
-        qsl = meta.query_start_loc_cpu
-        for s, seq_len in enumerate(meta.seq_lens_cpu):
-            a, b = qsl[s], qsl[s + 1]
-            tree = meta.trees[s]
-            m = tree.key_positions.shape[0]
-            prefix = seq_len - m
-            n = b - a
-            row = meta.page_tables[s]
-            if prefix > 0:
-                dec = self.decoder_for(n)
-                tables = row[None].expand(n, -1).contiguous()
-                lens = torch.full((n,), prefix, dtype=torch.int32, device=q.device)
-                o_p, lse_p = dec.run(q[a:b], kc, vc, tables, lens, scale)
-            else:
-                o_p = torch.zeros_like(q[a:b])
-                lse_p = torch.full(q[a:b].shape[:2], float("-inf"), device=q.device)
-            pos = torch.arange(prefix, seq_len, device=q.device)
-            slots = row.long()[pos // ps] * ps + pos % ps
-            k_t = kc.view(-1, *kc.shape[2:])[slots]  # [M, Hkv, D]
-            v_t = vc.view(-1, *vc.shape[2:])[slots]
-            out[a:b] = hybrid_tree_attention(q[a:b], o_p, lse_p, k_t, v_t, tree.mask.to(q.device), scale)
+        """Ragged tree steps (eager): one Hybrid Tree Attention launch for the whole batch. The step's
+        tree index tensors are built once per step (at layer 0) and reused by every layer."""
+        if layer == 0 or self._tree_step is not meta:
+            self._plan_ragged(q, meta)
+        out, _ = self._tree_kernel.run(q, self.cache.k[layer], self.cache.v[layer], scale)
         return out
 
-    def _hybrid_tree_batched(self, layer: int, q: torch.Tensor, tb: TreeBatch, scale: float) -> torch.Tensor:
-        """The same Hybrid Tree Attention over a static [B, N] batch: no host syncs, no Python loops."""
-        kc, vc = self.cache.k[layer], self.cache.v[layer]
+    def _plan_ragged(self, q: torch.Tensor, meta: AttentionMetadata) -> None:
+        ps = self.cache.spec.page_size
+        qsl = meta.query_start_loc_cpu
+        b = len(meta.seq_lens_cpu)
+        n_qs = [qsl[s + 1] - qsl[s] for s in range(b)]
+        ms = [t.key_positions.shape[0] for t in meta.trees]
+        cap_b = 1 << (b - 1).bit_length()  # power-of-two caps: few kernel instances
+        cap_n = min(128, max(16, 1 << (max(n_qs) - 1).bit_length()))
+        m_max = max(ms)
+        slots = torch.zeros(b, m_max, dtype=torch.int64)
+        mask = torch.zeros(b, max(n_qs), m_max, dtype=torch.bool)
+        prefix = [seq_len - m for seq_len, m in zip(meta.seq_lens_cpu, ms, strict=True)]
+        tables = meta.page_tables.cpu()
+        for s in range(b):
+            pos = torch.arange(prefix[s], meta.seq_lens_cpu[s])
+            slots[s, : ms[s]] = tables[s].long()[pos // ps] * ps + pos % ps
+            mask[s, : n_qs[s], : ms[s]] = meta.trees[s].mask.cpu()
+        dev = q.device
+        kern = self.tree_kernel_for(cap_b, cap_n)
+        kern.plan(meta.query_start_loc, torch.tensor(prefix, dtype=torch.int32, device=dev), meta.page_tables,
+                  slots.to(dev), mask.to(dev), torch.tensor(ms, dtype=torch.int32, device=dev))
+        self._tree_kernel, self._tree_step = kern, meta
+
+    def _hybrid_tree_batched(self, layer: int, q: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """The same Hybrid Tree Attention over a static [B, N] batch: no host syncs (CUDA-graph safe)."""
+        tb = meta.tree_batch
         b, n = tb.tree_slots.shape
-        o_p, lse_p = self.decoder_for(b * n).run(q, kc, vc, tb.row_tables, tb.row_prefix_lens, scale)
-        hkv, d = kc.shape[2], kc.shape[3]
-        hq = q.shape[1]
-        slots = tb.tree_slots.reshape(-1)
-        k_t = kc.view(-1, hkv, d)[slots].view(b, n, hkv, d).float()
-        v_t = vc.view(-1, hkv, d)[slots].view(b, n, hkv, d).float()
-        qf = q.float().view(b, n, hkv, hq // hkv, d)
-        scores = torch.einsum("bqhgd,bkhd->bhgqk", qf, k_t) * scale  # [B, Hkv, G, N, N]
-        scores = scores.masked_fill(~tb.tree_mask[:, None, None], float("-inf"))
-        lse_t = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G, N]
-        o_t = torch.einsum("bhgqk,bkhd->bqhgd", torch.exp(scores - lse_t[..., None]), v_t).reshape(b * n, hq, d)
-        lse_t = lse_t.permute(0, 3, 1, 2).reshape(b * n, hq)
-        return lse_merge(o_p, lse_p, o_t, lse_t, q.dtype)
+        kern = self.tree_kernel_for(b, n)
+        # per-sequence views of the row-expanded tables: row b*N is sequence b's first node
+        kern.plan(meta.query_start_loc, tb.row_prefix_lens[::n], tb.row_tables[::n], tb.tree_slots, tb.tree_mask)
+        out, _ = kern.run(q, self.cache.k[layer], self.cache.v[layer], scale)
+        return out
 
     def decoder_for(self, batch_size: int):
         if batch_size not in self._decoders:
@@ -309,7 +320,7 @@ class TritonAttentionBackend:
         if meta.capture_layer == layer:
             self.captured_q = q.clone()
         if meta.tree_batch is not None:
-            return self._hybrid_tree_batched(layer, q, meta.tree_batch, scale)
+            return self._hybrid_tree_batched(layer, q, meta, scale)
         if meta.trees is not None and sliding_window is None:
             return self._hybrid_tree(layer, q, meta, scale)
         if meta.decode_only and meta.trees is None:
