@@ -41,7 +41,7 @@ import triton
 
 from specray.kernels.page_stats import LayerPageStats, PageStats
 from specray.kernels.paged_decode import _merge_splits_kernel
-from specray.kernels.sparse_pages_kernels import score_pages_kernel, sparse_attention_kernel
+from specray.kernels.sparse_pages_kernels import score_pages_kernel, select_pages_kernel, sparse_attention_kernel
 
 __all__ = ["LayerPageStats", "PageStats", "SparsePageAttention"]
 
@@ -65,6 +65,8 @@ class SparsePageAttention:
         block_n: KV tokens per attention block (power of two >= 16; raised to page_size if smaller).
         block_p: pages per scoring program (power of two >= 16).
         num_warps, num_stages: launch parameters of the attention kernel; score_warps of the scoring kernel.
+        selection_backend: "triton" (bitonic top-k kernel, one program per (row, KV head), ``select_block``
+            scores per step, ``select_warps`` warps) or "torch" (``torch.topk``).
     """
 
     def __init__(
@@ -87,6 +89,9 @@ class SparsePageAttention:
         num_warps: int = 4,
         num_stages: int = 2,
         score_warps: int = 4,
+        selection_backend: str = "triton",
+        select_block: int = 4096,
+        select_warps: int = 8,
     ) -> None:
         if max_rows < 1 or max_pages < 1 or max_splits < 1:
             raise ValueError(f"max_rows ({max_rows}), max_pages ({max_pages}), max_splits ({max_splits}) must be >= 1")
@@ -104,6 +109,10 @@ class SparsePageAttention:
             raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
         if block_p < 16 or block_p & (block_p - 1):
             raise ValueError(f"block_p must be a power of two >= 16, got {block_p}")
+        if selection_backend not in ("triton", "torch"):
+            raise ValueError(f"selection_backend must be 'triton' or 'torch', got {selection_backend!r}")
+        if select_block < 2 or select_block & (select_block - 1):
+            raise ValueError(f"select_block must be a power of two >= 2, got {select_block}")
         self.max_rows = max_rows
         self.num_q_heads = num_q_heads
         self.num_kv_heads = num_kv_heads
@@ -117,6 +126,7 @@ class SparsePageAttention:
         self.block_n = max(block_n, page_size)
         self.block_p = block_p
         self.num_warps, self.num_stages, self.score_warps = num_warps, num_stages, score_warps
+        self.selection_backend, self.select_block, self.select_warps = selection_backend, select_block, select_warps
         self.budget_tokens, self.std_weight = budget_tokens, std_weight
         self.sink_pages, self.recent_pages = sink_pages, recent_pages
         self._check_selection(budget_tokens, sink_pages, recent_pages)
@@ -312,7 +322,15 @@ class SparsePageAttention:
         )  # fmt: skip
         # (b) top-K per (row, kv head); -inf entries are unused slots of short prefixes
         sel_vals, sel_idx = (t[: rows * hkv * k].view(rows * hkv, k) for t in (self.sel_vals, self.sel_idx))
-        torch.topk(scores.view(rows * hkv, width), k, dim=1, sorted=False, out=(sel_vals, sel_idx))
+        if self.selection_backend == "torch":
+            torch.topk(scores.view(rows * hkv, width), k, dim=1, sorted=False, out=(sel_vals, sel_idx))
+        else:
+            k_pad = triton.next_power_of_2(k)
+            block = max(k_pad, min(triton.next_power_of_2(width), self.select_block))
+            select_pages_kernel[(rows * hkv,)](
+                scores, sel_vals, sel_idx, width, width, K=k, K_PAD=k_pad, BLOCK=block,
+                NUM_BLOCKS=triton.cdiv(width, block), num_warps=self.select_warps,
+            )  # fmt: skip
 
         # (c) split-KV attention over the kept pages and the partial page
         direct = splits == 1

@@ -232,3 +232,44 @@ def sparse_attention_kernel(
     else:
         tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=g_mask[:, None] & (offs_d[None, :] < HEAD_DIM))
     tl.store(lse_ptr + row.to(tl.int64) * stride_lr + heads * stride_lh + split * stride_ls, lse, mask=g_mask)
+
+
+@triton.jit
+def select_pages_kernel(
+    scores_ptr,  # [R * Hkv, P] fp32 (+inf forced, -inf unused)
+    sel_val_ptr,  # [R * Hkv, K] fp32 out
+    sel_idx_ptr,  # [R * Hkv, K] int64 out
+    width,  # P
+    stride_s,
+    K: tl.constexpr,
+    K_PAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+    NUM_BLOCKS: tl.constexpr,
+):
+    """Program (row, kv head): the K largest scores and their columns, by a bitonic top-k over the scores packed
+    with their column as int64 (order-preserving int32 key << 32 | column), block by block with a running top-k.
+    Ties go to the larger column. Same output as torch.topk(sorted=False) up to the choice among ties."""
+    rh = tl.program_id(0).to(tl.int64)
+    row = scores_ptr + rh * stride_s
+    offs = tl.arange(0, BLOCK)
+    lowest: tl.constexpr = -(2**63)
+    best = tl.full([K_PAD], lowest, dtype=tl.int64)
+    for b in tl.static_range(NUM_BLOCKS):
+        cols = b * BLOCK + offs
+        in_row = cols < width
+        s = tl.load(row + cols, mask=in_row, other=float("-inf"))
+        bits = s.to(tl.int32, bitcast=True)
+        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int32 ordered like the floats
+        packed = (key.to(tl.int64) << 32) | cols.to(tl.int64)
+        packed = tl.where(in_row, packed, lowest)
+        top = tl.topk(packed, K_PAD)  # [K_PAD] descending
+        if NUM_BLOCKS == 1:
+            best = top
+        else:
+            best = tl.topk(tl.reshape(tl.join(best, top), [2 * K_PAD]), K_PAD)
+    offs_k = tl.arange(0, K_PAD)
+    keep = offs_k < K
+    cols = best & 0xFFFFFFFF
+    val = tl.load(row + cols, mask=keep, other=float("-inf"))
+    tl.store(sel_val_ptr + rh * K + offs_k, val, mask=keep)
+    tl.store(sel_idx_ptr + rh * K + offs_k, cols, mask=keep)

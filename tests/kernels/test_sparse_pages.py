@@ -39,6 +39,8 @@ class Case:
     std_weight: float = 0.5
     mean_dtype: torch.dtype = F32
     splits: int | None = None
+    select: str = "triton"
+    select_block: int = 4096
     seed: int = 0
 
     @property
@@ -47,21 +49,22 @@ class Case:
         md = "" if self.mean_dtype == F32 else "-mean16"
         return (
             f"{dt}{md}-d{self.head_dim}-ps{self.page_size}-g{self.group}-kv{self.num_kv_heads}-n{self.rows_per_seq}"
-            f"-b{self.budget}-s{self.splits}-len{'_'.join(map(str, self.prefixes))}"
+            f"-b{self.budget}-s{self.splits}-{self.select}{self.select_block}-len{'_'.join(map(str, self.prefixes))}"
         )
 
 
 CASES = [
     # GQA 1, ps 8, budget 4 pages: rows above (100, 41), at (32) and below (24, 3, 0) the budget, partial pages
-    Case((100, 3, 41, 0, 24, 32), 1, 2, 1, 64, 8, F32, 32, recent=1, seed=1),
+    # (selection in 8-score blocks: two blocks of the 14-column table)
+    Case((100, 3, 41, 0, 24, 32), 1, 2, 1, 64, 8, F32, 32, recent=1, select_block=8, seed=1),
     # GQA 4, d128, ps 16, N = 5 rows per sequence, 2 splits
     Case((150, 40), 5, 2, 4, 128, 16, BF16, 64, splits=2, seed=2),
     # GQA 7 (padded to 16 rows), fp16 with fp16 page means, no recent pages, std weight 2
     Case((200, 17, 5), 1, 1, 7, 64, 16, F16, 48, recent=0, std_weight=2.0, mean_dtype=F16, seed=3),
     # GQA 7, d128, ps 8, N = 5, bf16 means, 3 splits, no sink
     Case((90, 8), 5, 1, 7, 128, 8, BF16, 40, sink=0, recent=1, mean_dtype=BF16, splits=3, seed=4),
-    # GQA 4, fp32, ps 16, d64, std weight 0 (plain mean scoring), many splits (some empty)
-    Case((180, 47, 16), 1, 2, 4, 64, 16, F32, 64, std_weight=0.0, splits=8, seed=5),
+    # GQA 4, fp32, ps 16, d64, std weight 0 (plain mean scoring), many splits (some empty), torch.topk selection
+    Case((180, 47, 16), 1, 2, 4, 64, 16, F32, 64, std_weight=0.0, splits=8, select="torch", seed=5),
 ]
 
 
@@ -74,7 +77,8 @@ def test_sparse_page_attention_matches_reference(case: Case) -> None:
     rows, width = sc.row_tables.shape
     attn = SparsePageAttention(
         rows + 3, case.num_kv_heads * case.group, case.num_kv_heads, case.head_dim, case.page_size, width + 2,
-        DEVICE, budget_tokens=max(case.budget, 64), block_n=16,
+        DEVICE, budget_tokens=max(case.budget, 64), block_n=16, selection_backend=case.select,
+        select_block=case.select_block,
     )  # fmt: skip
     check_sparse(
         attn, sc, case.budget, std_weight=case.std_weight, sink_pages=case.sink, recent_pages=case.recent,

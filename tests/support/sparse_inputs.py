@@ -126,7 +126,7 @@ def check_sparse(
 ) -> None:
     """Plan + run with poisoned outputs; compare out/lse with the fp32 reference and the selected page sets.
     ``independent_stats``: the reference recomputes the statistics from the keys (fp32 means only)."""
-    q, dtype = case.q, case.q.dtype
+    q = case.q
     scale = q.shape[-1] ** -0.5
     attn.plan(
         case.row_tables, case.row_prefix, budget_tokens, std_weight=std_weight, sink_pages=sink_pages,
@@ -136,17 +136,35 @@ def check_sparse(
     lse = torch.full(q.shape[:2], float("nan"), dtype=torch.float32, device=q.device)
     got_out, got_lse = attn.run(q, case.inputs.k_cache, case.inputs.v_cache, case.stats.layer(0), scale, out, lse)
     assert got_out is out and got_lse is lse
+    compare_to_reference(attn, case, out, lse, budget_tokens, std_weight=std_weight, sink_pages=sink_pages,
+                         recent_pages=recent_pages, independent_stats=independent_stats)
+
+
+def compare_to_reference(
+    attn: SparsePageAttention,
+    case: SparseCase,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    budget_tokens: int,
+    *,
+    std_weight: float = 0.5,
+    sink_pages: int = 1,
+    recent_pages: int = 2,
+    independent_stats: bool = True,
+) -> None:
+    """out/lse of the last run fully written and equal to the fp32 reference; the selection equal to the
+    reference's up to exactly tied scores."""
+    q, dtype = case.q, case.q.dtype
     assert not torch.isnan(out).any(), "output has unwritten (NaN) elements"
     assert not torch.isnan(lse).any(), "lse has unwritten (NaN) elements"
-
     mean, std = (None, None) if independent_stats else case.stats.layer(0)
-    args = (q, case.inputs.k_cache, case.inputs.v_cache, case.row_tables, case.row_prefix, scale, budget_tokens)
+    args = (q, case.inputs.k_cache, case.inputs.v_cache, case.row_tables, case.row_prefix, q.shape[-1] ** -0.5)
     opts = dict(mean=mean, std=std, std_weight=std_weight, sink_pages=sink_pages, recent_pages=recent_pages)
-    ref_out, ref_lse, ref_sel = sparse_page_attention_reference(*args, **opts)
+    ref_out, ref_lse, ref_sel = sparse_page_attention_reference(*args, budget_tokens, **opts)
     got_sel = selected_sets(attn)
     if got_sel != ref_sel:
         check_near_ties(case, got_sel, ref_sel, mean, std, std_weight, sink_pages, recent_pages)
-        ref_out, ref_lse, _ = sparse_page_attention_reference(*args, **opts, selected=got_sel)
+        ref_out, ref_lse, _ = sparse_page_attention_reference(*args, budget_tokens, **opts, selected=got_sel)
     rel = ((out.float() - ref_out.float()).norm() / ref_out.float().norm().clamp_min(1e-30)).item()
     assert rel <= REL_TOL[dtype], f"relative error {rel:.3e} > {REL_TOL[dtype]}"
     tol = LSE_TOL[dtype]
