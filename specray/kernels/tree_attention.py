@@ -269,6 +269,8 @@ class HybridTreeAttention:
         if not 1 <= max_nodes <= 128:
             raise ValueError(f"max_nodes must be in [1, 128], got {max_nodes}")
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.hq, self.hkv, self.d = num_q_heads, num_kv_heads, head_dim
         self.group = num_q_heads // num_kv_heads
         self.max_tokens, self.max_batch, self.max_nodes = max_tokens, max_batch, max_nodes
