@@ -65,15 +65,14 @@ class LLMEngine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
 
-        self.model = DecoderLM.empty(self.arch, self.max_model_len + 1, self.dtype, self.device)
-        self.model.load_weights(ckpt.weights)
+        self.model = self._build_model(ckpt)
         self.model.eval()
         if self.device.type == "cuda" and config.fused_ops:
             self.model.use_fused_ops(True)
 
         page_size = config.cache.page_size
-        spec = KVCacheSpec.of(self.arch, page_size, self.dtype)
-        self.cache = KVCache(spec, num_pages_for(spec, config.cache, self.device), self.device)
+        spec = KVCacheSpec.of(self.model.arch, page_size, self.dtype)  # a TP shard holds its KV heads only
+        self.cache = KVCache(spec, self._num_pages(spec), self.device)
         self.allocator = PageAllocator(self.cache.num_pages)
         self.scheduler = Scheduler(config.scheduler, self.allocator, page_size)
         backend_name = config.attention_backend
@@ -81,7 +80,7 @@ class LLMEngine:
             backend_name = "triton" if self.device.type == "cuda" else "torch"
         max_bs = config.scheduler.max_num_seqs
         if backend_name == "triton":
-            self.backend = TritonAttentionBackend(self.cache, self.arch.num_heads, max_bs, self.max_model_len)
+            self.backend = TritonAttentionBackend(self.cache, self.model.arch.num_heads, max_bs, self.max_model_len)
         else:
             self.backend = TorchAttentionBackend(self.cache)
         gen = torch.Generator(device=self.device).manual_seed(config.seed)
@@ -89,26 +88,41 @@ class LLMEngine:
         graph_sizes = ()
         if self.device.type == "cuda" and config.cuda_graphs and backend_name == "triton":
             graph_sizes = tuple(b for b in config.cuda_graph_batch_sizes if b <= max_bs)
-        self.runner = ModelRunner(self.model, self.cache, self.backend, self.sampler, self.max_model_len, graph_sizes)
+        self.runner = self._build_runner(graph_sizes)
         self.seqs: dict[str, Sequence] = {}
         self.spec = None  # SpeculativeDecoder when speculative_config.method != none
         if config.speculative_config is not None and config.speculative_config.method != "none":
-            from specray.spec.proposers import build_proposer
             from specray.spec.step import SpeculativeDecoder
 
-            self.spec = SpeculativeDecoder(self, build_proposer(self, config.speculative_config),
+            self.spec = SpeculativeDecoder(self, self._build_proposer(config.speculative_config),
                                            config.speculative_config)
 
     def set_speculative_config(self, cfg: SpeculativeConfig | None) -> None:
         """Swap the speculation method between requests (benchmarks, in-process A/B); None = plain AR."""
         if self.has_unfinished_requests():
             raise RequestError("cannot change speculation while requests are running")
-        from specray.spec.proposers import build_proposer
         from specray.spec.step import SpeculativeDecoder
 
         self.spec = None
         if cfg is not None and cfg.method != "none":
-            self.spec = SpeculativeDecoder(self, build_proposer(self, cfg), cfg)
+            self.spec = SpeculativeDecoder(self, self._build_proposer(cfg), cfg)
+
+    # ---- construction hooks (specray.actors overrides them for tensor-parallel shards) ----------
+    def _build_model(self, ckpt: Checkpoint) -> DecoderLM:
+        model = DecoderLM.empty(self.arch, self.max_model_len + 1, self.dtype, self.device)
+        model.load_weights(ckpt.weights)
+        return model
+
+    def _num_pages(self, spec: KVCacheSpec) -> int:
+        return num_pages_for(spec, self.config.cache, self.device)
+
+    def _build_runner(self, graph_sizes: tuple[int, ...]) -> ModelRunner:
+        return ModelRunner(self.model, self.cache, self.backend, self.sampler, self.max_model_len, graph_sizes)
+
+    def _build_proposer(self, cfg: SpeculativeConfig):
+        from specray.spec.proposers import build_proposer
+
+        return build_proposer(self, cfg)
 
     # ---- requests ------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:

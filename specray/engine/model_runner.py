@@ -16,6 +16,10 @@ from specray.engine.sampler import Sampler
 from specray.engine.scheduler import ScheduledBatch
 from specray.models.decoder import DecoderLM
 
+# flat step inputs built on the host: ids [T], positions [T], slots [T], query_start_loc [S+1],
+# seq_lens [S], page table [S][P]
+HostInputs = tuple[list[int], list[int], list[int], list[int], list[int], list[list[int]]]
+
 
 class ModelRunner:
     def __init__(
@@ -40,7 +44,7 @@ class ModelRunner:
             self._capture_graphs()
 
     # ---- inputs --------------------------------------------------------------------------------
-    def _host_inputs(self, batch: ScheduledBatch):
+    def _host_inputs(self, batch: ScheduledBatch) -> HostInputs:
         ps = self.page_size
         ids: list[int] = []
         positions: list[int] = []
@@ -67,10 +71,11 @@ class ModelRunner:
             i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True))
             if s.num_computed + n == s.num_tokens
         ]
+        inputs = self._host_inputs(batch)
         if batch.decode_only and self._graph_size(len(batch.seqs)) is not None:
-            logits = self._replay(batch)
+            logits = self.replay(inputs)
         else:
-            logits = self._eager(batch, sample_rows)
+            logits = self.run_eager(inputs, batch.decode_only, sample_rows)
         if not sample_rows:
             return [None] * len(batch.seqs)
         seqs = [batch.seqs[i] for i in sample_rows]
@@ -124,17 +129,25 @@ class ModelRunner:
     @torch.inference_mode()
     def all_token_logits(self, batch: ScheduledBatch) -> torch.Tensor:
         """[T, V] fp32 logits of every token of the batch (scoring / perplexity; eager)."""
-        return self._eager(batch, None)
+        return self.run_eager(self._host_inputs(batch), batch.decode_only, None)
 
-    def _eager(self, batch: ScheduledBatch, sample_rows: list[int] | None) -> torch.Tensor:
-        ids, positions, slots, qsl, seq_lens, table = self._host_inputs(batch)
+    def commit_kv(self, pages: list[int], prefix_len: int, path: list[int]) -> None:
+        """Move accepted tree nodes' K/V into place (see `specray.spec.step.commit_kv`)."""
+        from specray.spec.step import commit_kv
+
+        commit_kv(self.cache, pages, prefix_len, path)
+
+    def run_eager(self, inputs: HostInputs, decode_only: bool, sample_rows: list[int] | None) -> torch.Tensor:
+        """Eager forward of host inputs; fp32 logits of the last token of each of `sample_rows` (all
+        tokens when None)."""
+        ids, positions, slots, qsl, seq_lens, table = inputs
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             page_tables=torch.tensor(table, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
             query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            decode_only=batch.decode_only,
+            decode_only=decode_only,
             seq_lens_cpu=seq_lens,
             query_start_loc_cpu=qsl,
         )
@@ -189,10 +202,11 @@ class ModelRunner:
             self.graphs[bs] = graph
         torch.cuda.synchronize(dev)
 
-    def _replay(self, batch: ScheduledBatch) -> torch.Tensor:
-        bs = len(batch.seqs)
+    def replay(self, inputs: HostInputs) -> torch.Tensor:
+        """Decode step through the captured graph of the smallest size that fits; logits [bs, V]."""
+        ids, positions, slots, _, seq_lens, table = inputs
+        bs = len(seq_lens)
         size = self._graph_size(bs)
-        ids, positions, slots, _, seq_lens, table = self._host_inputs(batch)
         pad = size - bs
         h = self.h_inputs
         h[:, :size] = torch.tensor(

@@ -161,7 +161,7 @@ class SpeculativeDecoder:
                 last_q.append(node_q[offset + res.path[-1]])  # [Hq, D] the last accepted node's query
             offset += tree.num_nodes
         for seq, tree, res, p in zip(seqs, trees, results, prefix, strict=True):
-            commit_kv(eng.cache, seq.pages, p, res.path)
+            eng.runner.commit_kv(seq.pages, p, res.path)
             seq.num_computed = p + len(res.path)
             self.stats.record(tree, res)
             if seq.spec_stats is None:

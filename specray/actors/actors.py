@@ -1,0 +1,206 @@
+"""The Ray actors of a distributed engine: target shards (rank 0 is the leader) and the draft actor.
+
+Ray only carries control and per-request traffic: start (`setup_device`, `init_world`, `build`), the
+long-running loops (`follow` on follower shards, `serve` on the draft, the leader's step thread),
+`add_request` / `abort` per request, one streaming generator (`stream`) that yields the leader's
+`RequestOutput` batches as they are produced, `stats` and `stop`. Per step, shards and draft talk over
+torch.distributed only (see `shard.py`, `draft.py`).
+
+A `TargetShard` owns its `ShardEngine`; the leader also owns the step thread, the engine lock that
+serialises `add_request` / `abort` with `step()`, and the output queue the stream drains.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+import traceback
+from typing import Any
+
+import torch
+
+from specray.actors import world as W
+from specray.config import EngineConfig
+from specray.engine.sampling_params import SamplingParams
+
+
+class _Member:
+    """Device setup and world membership, common to shards and the draft."""
+
+    device: torch.device = torch.device("cpu")
+    world: W.World | None = None
+
+    def node_info(self) -> tuple[str, list[str]]:
+        import ray
+
+        return ray.util.get_node_ip_address(), [str(g) for g in ray.get_gpu_ids()]
+
+    def setup_device(self, use_gpu: bool, visible: list[str] | None = None, local_index: int = 0) -> str:
+        """GPU: see `visible` (the node's engine GPUs, so NCCL can use peer links) and use
+        `cuda:local_index`; before anything touches CUDA. CPU: one torch thread per bundle CPU."""
+        if use_gpu:
+            if visible:
+                os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible)
+            self.device = torch.device(f"cuda:{local_index}")
+            torch.cuda.set_device(self.device)
+        else:
+            import ray
+
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+            torch.set_num_threads(max(1, int(cpus)))
+        return str(self.device)
+
+    def _use_device(self) -> None:
+        if self.device.type == "cuda":  # the current device is per thread
+            torch.cuda.set_device(self.device)
+
+    def free_address(self) -> tuple[str, int]:
+        return W.free_address()
+
+    def init_world(self, rank: int, layout: W.Layout, address: str, port: int) -> None:
+        self._use_device()
+        self.world = W.init_world(rank, layout, address, port, self.device)
+
+    def ping(self) -> bool:
+        return True
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class TargetShard(_Member):
+    def __init__(self) -> None:
+        self.engine = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._out: queue.Queue = queue.Queue()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.loop_timings = {"step_s": 0.0, "num_steps": 0}
+
+    def build(self, config: EngineConfig) -> dict[str, Any]:
+        from specray.actors.shard import ShardEngine
+
+        self._use_device()
+        self.engine = ShardEngine(config, self.world)
+        return {"num_pages": self.engine.cache.num_pages, "max_model_len": self.engine.max_model_len}
+
+    # ---- followers ------------------------------------------------------------------------------
+    def follow(self) -> None:
+        from specray.actors.shard import follow
+
+        self._use_device()
+        follow(self.engine)
+
+    # ---- leader ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="specray-leader", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        self._use_device()
+        eng = self.engine
+        while not self._stopping:
+            if not eng.has_unfinished_requests():
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            with self._lock:
+                t0 = time.perf_counter()
+                try:
+                    outs = eng.step()
+                    self.loop_timings["step_s"] += time.perf_counter() - t0
+                    self.loop_timings["num_steps"] += 1
+                except Exception as e:  # noqa: BLE001 - the driver fails every pending request
+                    self._out.put(("error", f"leader step failed: {e!r}\n{traceback.format_exc()}"))
+                    return
+                stats = self._counts()
+            if outs:
+                self._out.put(("outputs", outs, stats))
+
+    def _counts(self) -> dict[str, int]:
+        eng = self.engine
+        return {"num_running": eng.num_running, "num_waiting": eng.num_waiting, "pages_in_use": eng.pages_in_use()}
+
+    def add_request(self, request_id: str, prompt: list[int], params: SamplingParams | None) -> None:
+        with self._lock:
+            self.engine.add_request(request_id, prompt, params)
+        self._wake.set()
+
+    def abort(self, request_id: str) -> bool:
+        with self._lock:
+            return self.engine.abort(request_id)
+
+    def stream(self):
+        """Streaming generator: one item per batch of outputs, until stop or error."""
+        while True:
+            items = [self._out.get()]
+            while True:
+                try:
+                    items.append(self._out.get_nowait())
+                except queue.Empty:
+                    break
+            yield items
+            if any(it[0] in ("error", "stopped") for it in items):
+                return
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return self._counts()
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            eng = self.engine
+            out: dict[str, Any] = {"plan": dict(getattr(eng.runner, "timings", {})), "loop": dict(self.loop_timings)}
+            if eng.spec is not None:
+                out["spec"] = {"num_drafts": eng.spec.stats.num_drafts,
+                               "num_draft_tokens": eng.spec.stats.num_draft_tokens,
+                               "num_accepted_tokens": eng.spec.stats.num_accepted_tokens,
+                               **eng.spec.timings, **dict(getattr(eng.spec.proposer, "timings", {}))}
+                out["num_refreshes"] = getattr(eng.spec.proposer, "num_refreshes", None)
+            return out
+
+    def stop(self) -> None:
+        """Graceful stop: end the step thread, release the followers and the draft."""
+        self._stopping = True
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        with self._lock:
+            self.engine.stop_followers()
+            proposer = getattr(self.engine.spec, "proposer", None)
+            if proposer is not None and hasattr(proposer, "stop"):
+                proposer.stop()
+        self._out.put(("stopped",))
+
+
+class DraftHost(_Member):
+    def __init__(self) -> None:
+        self.worker = None
+
+    def build(self, config: EngineConfig, target_num_pages: int, max_model_len: int) -> None:
+        from specray.actors.draft import DraftWorker, TargetView, _CacheView
+        from specray.engine.kv_cache import KVCacheSpec
+        from specray.engine.llm_engine import _DTYPES
+        from specray.engine.sampler import Sampler
+        from specray.models.arch import ModelArch
+        from specray.models.loader import load_checkpoint
+
+        self._use_device()
+        arch = ModelArch.from_hf_config(load_checkpoint(config.model, load_tokenizer=False).hf_config)
+        dtype = _DTYPES.get(config.dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        view = TargetView(
+            arch=arch, max_model_len=max_model_len, dtype=dtype, device=self.device, config=config,
+            cache=_CacheView(KVCacheSpec.of(arch, config.cache.page_size, dtype), target_num_pages),
+            sampler=Sampler(torch.Generator(device=self.device).manual_seed(config.seed)),
+        )
+        self.worker = DraftWorker(view, config.speculative_config, self.world, config.overlap)
+
+    def serve(self) -> None:
+        self._use_device()
+        self.worker.serve()
+
+    def stats(self) -> dict[str, Any]:
+        w = self.worker
+        return {**w.stats, "num_refreshes": w.proposer.num_refreshes, "kv_bytes": w.proposer.kv_bytes()}

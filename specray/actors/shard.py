@@ -1,0 +1,222 @@
+"""A target shard: one tensor-parallel rank's engine, and the step plan that keeps the ranks in lock-step.
+
+Every target rank builds a `ShardEngine` (an `LLMEngine` whose model is its `TPDecoderLM` shard, whose
+KV cache holds its KV heads and whose page count all ranks agree on). Rank 0 is the leader: it runs the
+scheduler, the speculative decoder and the sampler, and its `PlanRunner` broadcasts, before each
+forward, a small host-side plan over `tp_cpu_group`:
+
+    ("eager",  (host inputs, decode_only, sample_rows), moves)   prefill / decode, eager
+    ("replay", (host inputs,), moves)                            decode through the CUDA graph
+    ("tokens", (forward_tokens kwargs,), moves)                  tree verification (tree masks on host)
+    ("scores", (items, chunk_size), moves)                       retrieval chunk scores
+    ("stop",   (), moves)
+
+`moves` are the accepted-path K/V moves (`commit_kv`) the leader made since its last plan; a follower
+applies them first, so its cache matches the leader's before the next forward reads it. Followers run
+`follow()`: receive a plan, run the same forward on their shard (the collectives inside pair up with
+the leader's), drop the outputs. No Ray call happens per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from specray.actors import world as W
+from specray.config import EngineConfig, SpeculativeConfig
+from specray.engine.attention import TreeAttention, TritonAttentionBackend, gather_kv
+from specray.engine.kv_cache import KVCacheSpec
+from specray.engine.llm_engine import LLMEngine
+from specray.engine.model_runner import HostInputs, ModelRunner
+from specray.errors import ConfigError
+from specray.models.checkpoint import Checkpoint
+from specray.models.decoder import DecoderLM
+from specray.models.tensor_parallel import TPContext, TPDecoderLM
+
+# chunk-score request of one sequence: (page table, number of keys, row of the captured query)
+ScoreItem = tuple[list[int], int, int]
+
+
+def check_distributed_config(config: EngineConfig) -> None:
+    """ConfigError for speculation setups the distributed engine does not run."""
+    spec = config.speculative_config
+    if spec is None or spec.method == "none":
+        return
+    if spec.draft_placement == "separate" and spec.method != "draft_model":
+        raise ConfigError(
+            f"speculative_config.draft_placement 'separate' runs a 'draft_model' proposer; got method {spec.method!r}"
+        )
+    if spec.draft_tensor_parallel_size != 1:
+        raise ConfigError(
+            f"speculative_config.draft_tensor_parallel_size must be 1 (got {spec.draft_tensor_parallel_size}): "
+            "a separate draft runs on one device"
+        )
+    if config.tensor_parallel_size > 1 and spec.method in ("sparse_self", "longspec"):
+        raise ConfigError(
+            f"speculative_config.method {spec.method!r} reads the full KV cache and is not sharded yet; "
+            f"with tensor_parallel_size {config.tensor_parallel_size} use 'draft_model' or 'ngram'"
+        )
+
+
+class PlanRunner(ModelRunner):
+    """The leader's runner: announces every forward to the follower shards before running it."""
+
+    def __init__(self, world: W.World, *args: Any, **kwargs: Any):
+        self.world = world
+        self.pending_moves: list[tuple[list[int], int, list[int]]] = []
+        self.timings = {"plan_s": 0.0, "num_plans": 0}
+        super().__init__(*args, **kwargs)
+
+    def _announce(self, op: str, *args: Any) -> None:
+        if self.world.layout.tp_size == 1:
+            self.pending_moves.clear()
+            return
+        t0 = time.perf_counter()
+        W.broadcast((op, args, self.pending_moves), 0, self.world.tp_cpu_group)
+        self.pending_moves = []
+        self.timings["plan_s"] += time.perf_counter() - t0
+        self.timings["num_plans"] += 1
+
+    def run_eager(self, inputs: HostInputs, decode_only: bool, sample_rows: list[int] | None) -> torch.Tensor:
+        self._announce("eager", inputs, decode_only, sample_rows)
+        return super().run_eager(inputs, decode_only, sample_rows)
+
+    def replay(self, inputs: HostInputs) -> torch.Tensor:
+        self._announce("replay", inputs)
+        return super().replay(inputs)
+
+    def forward_tokens(self, pages, tokens, positions, cache_positions, seq_lens, trees=None, logits_rows=None,
+                       capture_layer=None) -> torch.Tensor:
+        host_trees = None
+        if trees is not None:
+            host_trees = [None if t is None else (t.mask.cpu(), t.key_positions.cpu()) for t in trees]
+        self._announce("tokens", dict(pages=pages, tokens=tokens, positions=positions, cache_positions=cache_positions,
+                                      seq_lens=seq_lens, trees=host_trees, logits_rows=logits_rows,
+                                      capture_layer=capture_layer))
+        return super().forward_tokens(pages, tokens, positions, cache_positions, seq_lens, trees, logits_rows,
+                                      capture_layer)
+
+    def commit_kv(self, pages: list[int], prefix_len: int, path: list[int]) -> None:
+        super().commit_kv(pages, prefix_len, path)
+        if self.world.layout.tp_size > 1 and any(i != d for d, i in enumerate(path)):
+            self.pending_moves.append((list(pages), prefix_len, list(path)))
+
+    def stop_followers(self) -> None:
+        self._announce("stop")
+
+
+@torch.inference_mode()
+def chunk_scores(engine: ShardEngine, items: list[ScoreItem], chunk_size: int) -> list[torch.Tensor]:
+    """Cross-model Retrieval scores for each item: the target's last-layer attention probabilities of
+    the captured query row over the sequence's keys, averaged over all heads (each rank sums its own
+    heads; one all-reduce adds the ranks), then averaged per `chunk_size`-token chunk. Returns
+    [n // chunk_size] fp32 CPU tensors."""
+    if isinstance(engine.runner, PlanRunner):
+        engine.runner._announce("scores", items, chunk_size)
+    if not items:
+        return []
+    dev = engine.device
+    layer = engine.arch.num_layers - 1
+    q_all = engine.backend.captured_q  # [rows, Hq/tp, D] queries of the last verification forward
+    sums = []
+    for pages, n, row in items:
+        k, _ = gather_kv(engine.cache, layer, torch.tensor(pages, device=dev), n)  # [n, Hkv/tp, D]
+        q = q_all[row].float()  # [Hq/tp, D]
+        k = k.float().repeat_interleave(q.shape[0] // k.shape[1], dim=1)  # [n, Hq/tp, D]
+        scores = torch.einsum("hd,nhd->hn", q, k) * engine.arch.head_dim**-0.5
+        sums.append(torch.softmax(scores, dim=-1).sum(dim=0))  # [n]
+    flat = torch.cat(sums)
+    if engine.world.layout.tp_size > 1:
+        dist.all_reduce(flat, group=engine.world.tp_group)
+    probs = flat / engine.arch.num_heads
+    out, offset = [], 0
+    for _, n, _ in items:
+        p = probs[offset : offset + n]
+        offset += n
+        m = n // chunk_size
+        out.append(p[: m * chunk_size].view(m, chunk_size).mean(dim=1).cpu())
+    return out
+
+
+class ShardEngine(LLMEngine):
+    """One target rank. Rank 0 (leader) is a full engine; followers only hold the model shard, the
+    KV-cache shard and a plain runner, and execute the leader's plans."""
+
+    def __init__(self, config: EngineConfig, world: W.World, checkpoint: Checkpoint | None = None):
+        self.world = world
+        self.decode_graphs = config.cuda_graphs
+        # tree-verification CUDA graphs are not replayed in lock-step across shards: verification is eager
+        cfg = dataclasses.replace(config, cuda_graphs=False)
+        if world.rank != 0:
+            cfg = dataclasses.replace(cfg, speculative_config=None, skip_tokenizer_init=True, overlap=False)
+        super().__init__(cfg, checkpoint)
+
+    @property
+    def is_leader(self) -> bool:
+        return self.world.rank == 0
+
+    def _build_model(self, ckpt: Checkpoint) -> DecoderLM:
+        tp = self.world.layout.tp_size
+        if tp == 1:
+            return super()._build_model(ckpt)
+        ctx = TPContext(rank=self.world.rank, size=tp, group=self.world.tp_group)
+        model = TPDecoderLM.empty_shard(self.arch, ctx, self.max_model_len + 1, self.dtype, self.device)
+        model.load_shard(ckpt.weights)
+        return model
+
+    def _num_pages(self, spec: KVCacheSpec) -> int:
+        n = super()._num_pages(spec)
+        if self.world.layout.tp_size > 1:  # every shard must hand out the same page ids
+            t = torch.tensor([n], dtype=torch.int64)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.world.tp_cpu_group)
+            n = int(t.item())
+        return n
+
+    def _build_runner(self, graph_sizes: tuple[int, ...]) -> ModelRunner:
+        if self.decode_graphs and self.device.type == "cuda" and isinstance(self.backend, TritonAttentionBackend):
+            max_bs = self.config.scheduler.max_num_seqs
+            graph_sizes = tuple(b for b in self.config.cuda_graph_batch_sizes if b <= max_bs)
+        args = (self.model, self.cache, self.backend, self.sampler, self.max_model_len, graph_sizes)
+        return PlanRunner(self.world, *args) if self.is_leader else ModelRunner(*args)
+
+    def _build_proposer(self, cfg: SpeculativeConfig):
+        if cfg.method == "draft_model":
+            from specray.actors.draft import ColocatedDraftProposer, RemoteDraftProposer
+
+            cls = RemoteDraftProposer if cfg.draft_placement == "separate" else ColocatedDraftProposer
+            return cls(self, cfg)
+        return super()._build_proposer(cfg)
+
+    def stop_followers(self) -> None:
+        if isinstance(self.runner, PlanRunner):
+            self.runner.stop_followers()
+
+
+@torch.inference_mode()
+def follow(engine: ShardEngine) -> None:
+    """A follower's loop: execute the leader's plans until "stop"."""
+    runner, group = engine.runner, engine.world.tp_cpu_group
+    while True:
+        op, args, moves = W.broadcast(None, 0, group)
+        for pages, prefix_len, path in moves:
+            runner.commit_kv(pages, prefix_len, path)
+        if op == "stop":
+            return
+        if op == "eager":
+            runner.run_eager(*args)
+        elif op == "replay":
+            runner.replay(*args)
+        elif op == "tokens":
+            kw = dict(args[0])
+            if kw["trees"] is not None:
+                dev = engine.device
+                kw["trees"] = [None if t is None else TreeAttention(t[0].to(dev), t[1].to(dev)) for t in kw["trees"]]
+            runner.forward_tokens(**kw)
+        elif op == "scores":
+            chunk_scores(engine, *args)
+        else:
+            raise RuntimeError(f"unknown step plan {op!r}")
