@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     from specray.pipelines.bench import add_bench_parser
 
     add_bench_parser(sub)  # bench serve
+
+    from specray.platform.serve import add_serve_parser
+
+    add_serve_parser(sub)  # serve [CONFIG]
     add_ab_parser(sub)  # ab run | report
     return p
 

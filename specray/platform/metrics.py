@@ -95,6 +95,10 @@ class ServerMetrics:
         self.generation_tokens.labels(**lab).inc(num_output)
         self.request_success.labels(**lab, finished_reason=finish_reason or "unknown").inc()
 
+    def observe_aborted(self) -> None:
+        """A started request that did not finish (client disconnect, cancellation, engine error)."""
+        self.request_success.labels(**self.labels, finished_reason="abort").inc()
+
     def refresh(self) -> None:
         """Pull engine state into the gauges and spec-decode counters (call before exposition)."""
         eng, lab = self.engine, self.labels

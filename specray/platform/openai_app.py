@@ -220,6 +220,7 @@ class OpenAIServing:
             return
         request_id = new_id("chatcmpl" if chat else "cmpl")
         gen = self.engine.generate(prompt_ids, params, request_id)
+        timing: _Timing | None = None
         try:
             try:
                 first = await gen.__anext__()  # add_request errors (prompt too long, ...) surface here
@@ -251,6 +252,8 @@ class OpenAIServing:
             yield resp.model_dump_json().encode()
         finally:
             await gen.aclose()  # no-op when finished; aborts (frees pages) when the client went away
+            if timing is not None and not timing.recorded:
+                self.metrics.observe_aborted()
 
     async def _stream_events(self, req, request_id: str, first: RequestOutput,
                              gen: AsyncIterator[RequestOutput], chat: bool, timing: _Timing) -> AsyncIterator[bytes]:
@@ -321,6 +324,7 @@ class OpenAIServing:
         return None
 
     def _record(self, timing: _Timing, out: RequestOutput) -> None:
+        timing.recorded = True
         e2e = time.monotonic() - timing.t0
         self.metrics.observe_finished(timing.ttft, e2e, len(out.prompt_token_ids), len(out.token_ids),
                                       out.finish_reason)
@@ -332,6 +336,7 @@ class _Timing:
     def __init__(self, t0: float):
         self.t0 = t0
         self.ttft: float | None = None
+        self.recorded = False  # finished and observed; False at close = aborted
 
     def saw(self, out: RequestOutput) -> None:
         if self.ttft is None and out.new_token_ids:

@@ -34,8 +34,9 @@ class _SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0)
+    # value ranges are checked by SamplingParams (400 with the field's name), not here (422)
+    max_tokens: int | None = None
+    temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None  # vLLM extra; 0 or -1 = off
     min_p: float | None = None  # vLLM extra
@@ -46,7 +47,7 @@ class _SamplingRequest(BaseModel):
     skip_special_tokens: bool = True  # vLLM extra
     include_stop_str_in_output: bool = False  # vLLM extra
     return_token_ids: bool = False  # vLLM extra: prompt and output token ids in the response
-    n: int = Field(default=1, ge=1)
+    n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -151,7 +152,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name for max_tokens
+    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
 
     def effective_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -79,7 +79,9 @@ class SpecrayServer:
 
     async def dispatch(self, method: str, path: str, body: bytes,
                        headers: dict[str, str]) -> AsyncIterator[dict[str, Any] | bytes]:
-        """For other deployments, via `handle.options(stream=True).dispatch.remote(...)`: yields
+        """For other deployments, via `dispatch_stream(handle, ...)`, i.e.
+        `handle.options(stream=True, method_name="dispatch").remote(...)` (NOTE: `handle.dispatch` is
+        Ray's own `DeploymentHandle.dispatch` since Ray 2.5x, so attribute access does not reach us). Yields
         `dict(status=int, headers=dict[str, str], media_type=str)` first, then `bytes` body chunks
         (one for a JSON response, one per SSE event for a stream). Cancelling the call aborts the
         request and frees its KV pages."""
@@ -98,6 +100,12 @@ class SpecrayServer:
         """Serve's replica health check: a failed engine loop marks the replica unhealthy."""
         if self.async_engine.errored is not None:
             raise RuntimeError(f"engine failed: {self.async_engine.errored!r}")
+
+
+def dispatch_stream(handle: Any, method: str, path: str, body: bytes, headers: dict[str, str]) -> Any:
+    """Call `SpecrayServer.dispatch` through a deployment handle; returns the streaming response
+    (iterate it, sync or async: a head dict, then bytes). Cancelling it aborts the engine request."""
+    return handle.options(stream=True, method_name="dispatch").remote(method, path, body, headers)
 
 
 def _deployment_name(arm: str) -> str:
@@ -210,6 +218,7 @@ def apps_from_config(path: str | Path) -> tuple[list[tuple[str, str, Application
     import importlib
 
     import yaml
+    from ray.serve import Application
 
     path = Path(path)
     if not path.exists():
@@ -228,6 +237,46 @@ def apps_from_config(path: str | Path) -> tuple[list[tuple[str, str, Application
             target = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as e:
             raise ConfigError(f"{path}: applications[{i}].import_path {entry['import_path']!r}: {e}") from None
-        app = target(entry.get("args") or {}) if callable(target) else target
+        app = target if isinstance(target, Application) else target(entry.get("args") or {})
         apps.append((entry.get("name", f"app{i}"), entry.get("route_prefix", "/"), app))
     return apps, dict(data.get("http_options") or {})
+
+
+def _cmd_serve(args: Any) -> int:
+    import json
+
+    if args.config:
+        apps, http = apps_from_config(args.config)
+    else:
+        try:
+            spec = json.loads(args.speculative_config) if args.speculative_config else None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--speculative-config is not valid JSON: {e}") from None
+        engine: dict[str, Any] = {"model": args.model, "device": args.device, "speculative_config": spec}
+        if args.max_model_len:
+            engine["scheduler"] = {"max_model_len": args.max_model_len}
+        app = build_app({"engine": engine, "served_model_name": args.served_model_name or args.model,
+                         "num_replicas": args.num_replicas})
+        apps, http = [("specray", "/", app)], {}
+    host = args.host or http.get("host") or "127.0.0.1"
+    port = int(args.port or http.get("port") or 8000)
+    run_blocking(apps, host, port)
+    return 0
+
+
+def add_serve_parser(sub: Any) -> None:
+    """`specray serve [CONFIG]`: wraps `serve run` (CONFIG: a Ray Serve config with `applications:`,
+    or an engine config); without CONFIG serves --model with sparse_self speculation."""
+    s = sub.add_parser("serve", help="serve the OpenAI-compatible API on Ray Serve (blocks until Ctrl-C)",
+                       description=add_serve_parser.__doc__)
+    s.add_argument("config", nargs="?", help="Ray Serve config YAML (applications: ...) or an engine config file")
+    s.add_argument("--host", default=None, help="bind address (default 127.0.0.1, or the config's http_options)")
+    s.add_argument("--port", type=int, default=None, help="port (default 8000, or the config's http_options)")
+    s.add_argument("--model", default="smollm2-135m", help="registry name, HF directory or .gguf file")
+    s.add_argument("--served-model-name", default=None, help="the OpenAI `model` name (default: --model)")
+    s.add_argument("--speculative-config", default='{"method": "sparse_self"}',
+                   help="speculative_config as JSON (vLLM style); '' for none")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--max-model-len", type=int, default=None)
+    s.add_argument("--num-replicas", type=int, default=1)
+    s.set_defaults(func=_cmd_serve)

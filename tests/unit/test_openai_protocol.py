@@ -59,7 +59,9 @@ def test_schema_errors():
     with pytest.raises(ValidationError):
         ChatCompletionRequest.model_validate({"model": "m", "messages": []})
     with pytest.raises(ValidationError):
-        CompletionRequest.model_validate({"model": "m", "prompt": "x", "max_tokens": 0})
+        CompletionRequest.model_validate({"model": "m", "prompt": "x", "max_tokens": "many"})
+    with pytest.raises(RequestError, match="max_tokens must be at least 1"):  # ranges: SamplingParams, a 400
+        CompletionRequest.model_validate({"model": "m", "prompt": "x", "max_tokens": 0}).to_sampling_params(16)
 
 
 @pytest.fixture(scope="module")
