@@ -1,0 +1,293 @@
+"""DistributedEngine on GPUs (Ray actors, NCCL tensor parallelism, a separate draft actor), greedy, batch 1.
+
+Sections (each writes `<out>/<section>.json`):
+  equality     random Llama-3.1-8B-shaped target (written once to --workdir as safetensors, plus a 2-layer
+               draft cut from it): TP=2 target + separate draft (retrieval on) vs TP=1 without speculation;
+               reports how many greedy tokens agree (bf16: different reduction orders can flip near-ties;
+               use --dtype float32 for an exact check).
+  latency      the same target, AR decode at --latency-context (32K) tokens, batch 1: per-step latency of
+               TP=1 and TP=2 (driver-observed decode ms/token and the leader's step time), ratio TP2/TP1.
+  overhead     TP=1 with a colocated draft: in-process LLMEngine vs DistributedEngine (same config), ms per
+               speculative step, with the leader's breakdown (plan broadcast, draft exchange, retrieval
+               scores, draft/verify/commit), plus TP=1 with the draft on its own GPU.
+  pair         real Qwen2.5-Coder-1.5B target TP=2 with the 0.5B draft (Cross-model Retrieval): separate
+               draft without overlap, separate with overlap, colocated; decode tokens/s at --pair-context
+               (16K), code-completion prompt, all in one run. Needs --target/--draft (and --tokenizer).
+
+Needs 2 GPUs for TP=2 and a third for a separate draft (run on 4 H200s for everything). Ray must be
+importable (the GPU machine's Ray comes from a carried wheelhouse); a local Ray cluster is started unless
+--ray-address is given. The exact command (4x H200):
+
+    python3 benchmarks/distributed.py --out results/distributed --workdir /tmp/specray-bench \
+        --target ~/models/qwen2.5-coder-1.5b.gguf --draft ~/models/qwen2.5-coder-0.5b.gguf \
+        --tokenizer .stage/tok-qwen --sections equality latency overhead pair
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def llama8b_hf_config(max_len: int, num_layers: int = 32) -> dict[str, Any]:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": num_layers, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "max_position_embeddings": max(max_len, 8192), "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": 128001, "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192},
+        "torch_dtype": "bfloat16",
+    }
+
+
+def write_random_llama(path: Path, max_len: int, draft_layers: int = 2, seed: int = 0) -> tuple[Path, Path]:
+    """A random bf16 Llama-3.1-8B-shaped checkpoint (one safetensors file per layer) and a draft that
+    shares its embeddings, first `draft_layers` layers and head. Written once; reused when present."""
+    from safetensors.torch import save_file
+
+    target, draft = path / "llama8b-random", path / f"llama8b-random-{draft_layers}l"
+    if (target / "config.json").exists() and (draft / "config.json").exists():
+        return target, draft
+    target.mkdir(parents=True, exist_ok=True)
+    draft.mkdir(parents=True, exist_ok=True)
+    cfg = llama8b_hf_config(max_len)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    H, I, V, D = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], 128
+    q, kv = cfg["num_attention_heads"] * D, cfg["num_key_value_heads"] * D
+
+    def rand(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g, device="cuda") * 0.02).to(torch.bfloat16).cpu()
+
+    maps: dict[str, dict[str, str]] = {"t": {}, "d": {}}
+
+    def save(tensors: dict[str, torch.Tensor], fname: str, to_draft: bool) -> None:
+        save_file(tensors, str(target / fname), metadata={"format": "pt"})
+        maps["t"].update({n: fname for n in tensors})
+        if to_draft:
+            save_file(tensors, str(draft / fname), metadata={"format": "pt"})
+            maps["d"].update({n: fname for n in tensors})
+
+    save({"model.embed_tokens.weight": rand(V, H), "lm_head.weight": rand(V, H),
+          "model.norm.weight": torch.ones(H, dtype=torch.bfloat16)}, "embed.safetensors", True)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        save({p + "self_attn.q_proj.weight": rand(q, H), p + "self_attn.k_proj.weight": rand(kv, H),
+              p + "self_attn.v_proj.weight": rand(kv, H), p + "self_attn.o_proj.weight": rand(H, q),
+              p + "mlp.gate_proj.weight": rand(I, H), p + "mlp.up_proj.weight": rand(I, H),
+              p + "mlp.down_proj.weight": rand(H, I), p + "input_layernorm.weight": torch.ones(H, dtype=torch.bfloat16),
+              p + "post_attention_layernorm.weight": torch.ones(H, dtype=torch.bfloat16)},
+             f"layer{i:02d}.safetensors", i < draft_layers)
+    for d, m, layers in ((target, maps["t"], cfg["num_hidden_layers"]), (draft, maps["d"], draft_layers)):
+        (d / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": layers}))
+        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": m}))
+    return target, draft
+
+
+def engine_config(model: str, max_len: int, tp: int, spec=None, dtype: str = "bfloat16", **kw):
+    from specray.config import CacheConfig, EngineConfig, SchedulerConfig
+
+    return EngineConfig(
+        model=model, dtype=dtype, device="cuda", skip_tokenizer_init=kw.pop("skip_tokenizer_init", True),
+        cuda_graph_batch_sizes=(1,), tensor_parallel_size=tp, speculative_config=spec,
+        cache=CacheConfig(page_size=16, num_pages=max_len // 16 + 64),
+        scheduler=SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=4096, max_model_len=max_len), **kw,
+    )
+
+
+def draft_spec(draft: str, placement: str):
+    from specray.config import RetrievalConfig, SpeculativeConfig, TreeConfig
+
+    return SpeculativeConfig(method="draft_model", model=draft, tree=TreeConfig(kind="chain", length=4),
+                             retrieval=RetrievalConfig(chunk_size=32, top_k_chunks=32, refresh_every=4),
+                             draft_placement=placement)
+
+
+def start_distributed(cfg, ray_address: str | None):
+    """A DistributedEngine; if decode CUDA graphs with NCCL inside fail to capture, retry eager."""
+    import dataclasses
+
+    from specray.actors.engine import DistributedEngine
+
+    cfg = dataclasses.replace(cfg, ray_address=ray_address)
+    try:
+        return DistributedEngine(cfg), True
+    except Exception as e:  # noqa: BLE001 - record and fall back
+        print(f"start with decode graphs failed ({type(e).__name__}: {str(e)[:200]}); retrying eager", flush=True)
+        return DistributedEngine(dataclasses.replace(cfg, cuda_graphs=False)), False
+
+
+def timed_run(engine, prompt: list[int], n: int) -> dict[str, Any]:
+    """Greedy batch-1 run; decode time from the first token to the last (prefill excluded), and the
+    driver's time inside step() per call."""
+    from specray.engine.sampling_params import SamplingParams
+
+    engine.add_request(f"bench-{time.monotonic_ns()}", prompt, SamplingParams(temperature=0, max_tokens=n,
+                                                                             ignore_eos=True))
+    tokens, t_first, step_s, calls = [], None, 0.0, 0
+    while engine.has_unfinished_requests():
+        t0 = time.perf_counter()
+        outs = engine.step()
+        step_s += time.perf_counter() - t0
+        calls += 1
+        for out in outs:
+            tokens = out.token_ids
+            if t_first is None and tokens:
+                t_first = time.perf_counter()
+    elapsed = time.perf_counter() - t_first
+    return {"tokens": tokens, "decode_tok_s": (len(tokens) - 1) / elapsed, "decode_ms_per_token":
+            1e3 * elapsed / (len(tokens) - 1), "driver_step_calls": calls, "driver_step_s": step_s,
+            "spec_metrics": getattr(outs[-1], "spec_metrics", None) if outs else None}
+
+
+def leader_delta(before: dict, after: dict) -> dict[str, Any]:
+    """Per-step breakdown (ms) from two DistributedEngine.stats() snapshots."""
+    def diff(section: str) -> dict[str, float]:
+        a, b = before.get(section, {}), after.get(section, {})
+        return {k: b[k] - a.get(k, 0) for k in b if isinstance(b[k], (int, float))}
+
+    loop, plan, spec = diff("loop"), diff("plan"), diff("spec")
+    steps = max(loop.get("num_steps", 0), 1)
+    drafts = max(spec.get("num_drafts", 0), 1)
+    out = {"leader_steps": loop.get("num_steps", 0), "leader_ms_per_step": 1e3 * loop.get("step_s", 0) / steps,
+           "plan_ms_per_step": 1e3 * plan.get("plan_s", 0) / steps, "plans_per_step": plan.get("num_plans", 0) / steps}
+    for k in ("draft_s", "verify_s", "commit_s", "draft_wait_s", "scores_s"):
+        if k in spec:
+            out[k.replace("_s", "_ms_per_spec_step")] = 1e3 * spec[k] / drafts
+    if spec:
+        out["spec_steps"] = spec.get("num_drafts", 0)
+    return out
+
+
+def run_distributed(cfg, prompt, n, ray_address, warm: list[int]) -> dict[str, Any]:
+    engine, graphs = start_distributed(cfg, ray_address)
+    try:
+        timed_run(engine, warm, 16)
+        before = engine.stats()
+        row = timed_run(engine, prompt, n)
+        row.update(leader_delta(before, engine.stats()), decode_graphs=graphs)
+        if "draft" in before:
+            row["draft_actor"] = engine.stats()["draft"]
+        return row
+    finally:
+        engine.shutdown()
+
+
+def run_inprocess(cfg, prompt, n, warm: list[int]) -> dict[str, Any]:
+    from specray.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(cfg)
+    timed_run(engine, warm, 16)
+    spec0 = (engine.spec.stats.num_drafts, dict(engine.spec.timings)) if engine.spec else None
+    row = timed_run(engine, prompt, n)
+    row["inprocess_ms_per_step"] = 1e3 * row["driver_step_s"] / row["driver_step_calls"]
+    if spec0 is not None:
+        drafts = max(engine.spec.stats.num_drafts - spec0[0], 1)
+        for k, v in engine.spec.timings.items():
+            row[k.replace("_s", "_ms_per_spec_step")] = 1e3 * (v - spec0[1][k]) / drafts
+        row["spec_steps"] = engine.spec.stats.num_drafts - spec0[0]
+    del engine
+    torch.cuda.empty_cache()
+    return row
+
+
+def first_divergence(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="results/distributed", help="directory for the JSON results")
+    ap.add_argument("--workdir", default="/tmp/specray-bench", help="where the random 8B checkpoint is written")
+    ap.add_argument("--sections", nargs="+", default=["equality", "latency", "overhead", "pair"],
+                    choices=["equality", "latency", "overhead", "pair"])
+    ap.add_argument("--ray-address", default=None)
+    ap.add_argument("--dtype", default="bfloat16", help="dtype of the equality section")
+    ap.add_argument("--equality-context", type=int, default=4096)
+    ap.add_argument("--latency-context", type=int, default=32768)
+    ap.add_argument("--pair-context", type=int, default=16384)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--target", help="Qwen2.5-Coder-1.5B (HF dir or GGUF) for the pair section")
+    ap.add_argument("--draft", help="Qwen2.5-Coder-0.5B for the pair section")
+    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--package", default="transformers", help="source of the code-completion prompt")
+    args = ap.parse_args()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name(), "num_gpus": torch.cuda.device_count(),
+            "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
+    g = torch.Generator().manual_seed(1)
+    warm = torch.randint(0, 128000, (256,), generator=g).tolist()
+    max_len = max(args.latency_context, args.equality_context) + args.tokens + 512
+
+    def dump(name: str, result: dict) -> None:
+        (out / f"{name}.json").write_text(json.dumps({**meta, **result}, indent=2, default=str))
+        print(name, json.dumps(result, default=str)[:2000], flush=True)
+
+    random_sections = {"equality", "latency", "overhead"} & set(args.sections)
+    if random_sections:
+        target, draft = write_random_llama(Path(args.workdir), max_len)
+        target, draft = str(target), str(draft)
+    if "equality" in args.sections:
+        prompt = torch.randint(0, 128000, (args.equality_context,), generator=g).tolist()
+        tp1 = run_distributed(engine_config(target, max_len, 1, dtype=args.dtype), prompt, args.tokens,
+                              args.ray_address, warm)
+        tp2 = run_distributed(engine_config(target, max_len, 2, draft_spec(draft, "separate"), dtype=args.dtype),
+                              prompt, args.tokens, args.ray_address, warm)
+        same = first_divergence(tp1["tokens"], tp2["tokens"])
+        dump("equality", {"context": args.equality_context, "dtype": args.dtype, "tokens": args.tokens,
+                          "identical": tp1["tokens"] == tp2["tokens"], "tokens_equal_prefix": same,
+                          "tp1_ar": tp1, "tp2_separate_draft": tp2})
+    if "latency" in args.sections:
+        prompt = torch.randint(0, 128000, (args.latency_context,), generator=g).tolist()
+        rows = {f"tp{tp}": run_distributed(engine_config(target, max_len, tp), prompt, args.tokens,
+                                           args.ray_address, warm) for tp in (1, 2)}
+        ratio = rows["tp2"]["leader_ms_per_step"] / rows["tp1"]["leader_ms_per_step"]
+        dump("latency", {"context": args.latency_context, "batch": 1, "tp2_over_tp1_step_latency": ratio,
+                         "tp2_over_tp1_driver_ms_per_token":
+                             rows["tp2"]["decode_ms_per_token"] / rows["tp1"]["decode_ms_per_token"],
+                         **{k: {kk: vv for kk, vv in v.items() if kk != "tokens"} for k, v in rows.items()}})
+    if "overhead" in args.sections:
+        prompt = torch.randint(0, 128000, (args.equality_context,), generator=g).tolist()
+        colocated = engine_config(target, max_len, 1, draft_spec(draft, "colocated"))
+        separate = engine_config(target, max_len, 1, draft_spec(draft, "separate"))
+        rows = {"inprocess_colocated": run_inprocess(colocated, prompt, args.tokens, warm),
+                "distributed_colocated": run_distributed(colocated, prompt, args.tokens, args.ray_address, warm),
+                "distributed_separate": run_distributed(separate, prompt, args.tokens, args.ray_address, warm)}
+        base = rows["inprocess_colocated"]["inprocess_ms_per_step"]
+        dump("overhead", {
+            "context": args.equality_context,
+            "control_plane_ms_per_spec_step_colocated": rows["distributed_colocated"]["leader_ms_per_step"] - base,
+            "control_plane_ms_per_spec_step_separate": rows["distributed_separate"]["leader_ms_per_step"] - base,
+            **{k: {kk: vv for kk, vv in v.items() if kk != "tokens"} for k, v in rows.items()}})
+    if "pair" in args.sections:
+        if not (args.target and args.draft):
+            raise SystemExit("the pair section needs --target and --draft")
+        from specray.actors.engine import _load_tokenizer
+        from specray.models.loader import load_checkpoint
+        from specray.pipelines.datasets import code_completion_prompt
+
+        tok = _load_tokenizer(args.tokenizer) if args.tokenizer else load_checkpoint(args.target).tokenizer
+        prompt = code_completion_prompt(tok, args.pair_context, package=args.package, seed=args.pair_context)
+        plen = args.pair_context + args.tokens + 512
+        base = dict(tokenizer=args.tokenizer, skip_tokenizer_init=False)
+        rows = {}
+        for name, placement, overlap in (("separate", "separate", False), ("separate_overlap", "separate", True),
+                                         ("colocated", "colocated", False)):
+            cfg = engine_config(args.target, plen, 2, draft_spec(args.draft, placement), overlap=overlap, **base)
+            rows[name] = run_distributed(cfg, prompt.token_ids, args.tokens, args.ray_address, warm[:64])
+        ref = rows["colocated"]["tokens"]
+        dump("pair", {"context": args.pair_context, "tokens": args.tokens, "source": prompt.source,
+                      "tok_s": {k: v["decode_tok_s"] for k, v in rows.items()},
+                      "identical_to_colocated": {k: v["tokens"] == ref for k, v in rows.items()},
+                      **{k: {kk: vv for kk, vv in v.items() if kk != "tokens"} for k, v in rows.items()}})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""The step-plan protocol without Ray: two processes in a gloo world run `ShardEngine`s (rank 0 leads, rank 1
+follows its plans) with a colocated `draft_model` proposer whose Cross-model Retrieval scores are summed
+over both shards; greedy output equals the in-process single-rank engine with the same config."""
+
+from __future__ import annotations
+
+import torch
+import torch.multiprocessing as mp
+
+from specray.config import (
+    CacheConfig,
+    EngineConfig,
+    RetrievalConfig,
+    SchedulerConfig,
+    SpeculativeConfig,
+    TreeConfig,
+)
+from specray.engine.llm_engine import LLMEngine
+from specray.engine.sampling_params import SamplingParams
+from tests.support.tiny import make_checkpoint, perturbed_copy
+
+PARAMS = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+
+
+def _config(target, draft) -> EngineConfig:
+    spec = SpeculativeConfig(method="draft_model", model=str(draft), tree=TreeConfig(kind="beam", shape=(2, 4, 4)),
+                             retrieval=RetrievalConfig(chunk_size=8, top_k_chunks=3, refresh_every=2))
+    return EngineConfig(
+        model=str(target), device="cpu", dtype="float32", skip_tokenizer_init=True,
+        cache=CacheConfig(page_size=8, num_pages=48),
+        scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=200),
+        speculative_config=spec,
+    )
+
+
+def _rank(rank: int, config: EngineConfig, port: int, prompts, out: str) -> None:
+    from specray.actors.shard import ShardEngine, follow
+    from specray.actors.world import Layout, init_world
+
+    torch.set_num_threads(1)
+    world = init_world(rank, Layout(2, False, "gloo"), "127.0.0.1", port, torch.device("cpu"))
+    engine = ShardEngine(config, world)
+    if rank == 1:
+        follow(engine)
+        return
+    outs = engine.generate(prompts, PARAMS)
+    stats = {"plans": engine.runner.timings["num_plans"], "refreshes": engine.spec.proposer.num_refreshes,
+             "accepted": engine.spec.stats.num_accepted_tokens, "pages": engine.pages_in_use()}
+    engine.stop_followers()
+    torch.save({"tokens": [o.token_ids for o in outs], **stats}, out)
+
+
+def test_tp2_colocated_draft_follows_plans(tmp_path):
+    from specray.actors.world import free_address
+
+    target = make_checkpoint(tmp_path / "t", "qwen2", vocab_size=128, tokenizer=False)
+    draft = perturbed_copy(target, tmp_path / "d", scale=0.1, num_hidden_layers=1)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (60, 41)]
+    config = _config(target, draft)
+    reference = [o.token_ids for o in LLMEngine(config).generate(prompts, PARAMS)]
+    out = tmp_path / "tp.pt"
+    mp.spawn(_rank, args=(config, free_address()[1], prompts, str(out)), nprocs=2, join=True)
+    got = torch.load(out)
+    assert got["tokens"] == reference
+    assert got["plans"] > 0 and got["refreshes"] > 0 and got["accepted"] > 0
+    assert got["pages"] == 0
