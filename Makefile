@@ -27,10 +27,11 @@ test-fast: install
 lint: install
 	$(VENV)/bin/ruff check specray tests benchmarks
 
-# Until the OpenAI server lands (issue 6), `make serve` runs the default model once through the engine.
+# Serve SmolLM2-135M with sparse_self speculation on the OpenAI API at http://127.0.0.1:8000 (Ray Serve;
+# the GPU when there is one, else CPU). Blocks until Ctrl-C. See README "Serving" for a curl.
 serve: install
 	$(VENV)/bin/specray models pull smollm2-135m
-	$(VENV)/bin/specray generate --model smollm2-135m --chat --max-tokens 64 --prompt "$(PROMPT)"
+	$(VENV)/bin/specray serve --model smollm2-135m --host 127.0.0.1 --port 8000
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
