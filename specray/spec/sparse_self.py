@@ -1,8 +1,10 @@
 """`sparse_self` proposer: the target drafts for itself while attending only to its UNIQUE-selected KV
 pages; verification stays dense, so the output is lossless.
 
-Owns the sparse attention backend used for drafting (a torch reference: page statistics are
-computed from the cache on the fly; the Triton kernels of issue 4 will keep them incrementally).
+Owns the sparse attention backend used for drafting: on the CUDA (Triton) engine backend,
+`specray.spec.sparse_backend.TritonSparsePageBackend` (incremental page statistics, Triton scoring,
+selection and sparse attention); otherwise the torch reference below, which computes page statistics
+from the cache on the fly.
 Page score per KV head: max over the GQA group's query heads of `q . mean_k + std_weight * |q| * std_k`,
 where mean_k is the page's mean key and std_k the RMS distance of its keys from that mean. The
 first `sink_pages` and the last `recent_pages` complete pages are always kept, the partial last page
@@ -97,10 +99,20 @@ class SparseSelfProposer:
         self.engine = engine
         self.cfg = cfg
         self.backend = SparsePageBackend(engine.cache, cfg.sparse)
+        from specray.engine.attention import TritonAttentionBackend
+
+        if isinstance(engine.backend, TritonAttentionBackend) and cfg.sparse.page_size == engine.cache.spec.page_size:
+            from specray.spec.sparse_backend import TritonSparsePageBackend
+
+            rows = max(cfg.tree.num_nodes, cfg.tree.max_build_nodes)
+            self.backend = TritonSparsePageBackend(engine.cache, cfg.sparse, engine.arch.num_heads, rows,
+                                                   engine.max_model_len)
         self.runner = ModelRunner(engine.model, engine.cache, self.backend, engine.sampler, engine.max_model_len)
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence]) -> list[DraftTree]:
+        if hasattr(self.backend, "refresh_stats"):
+            self.backend.refresh_stats(seqs)
         trees = []
         for seq in seqs:
             p = seq.num_computed
@@ -120,4 +132,5 @@ class SparseSelfProposer:
         pass
 
     def release(self, request_id: str) -> None:
-        pass
+        if hasattr(self.backend, "release"):
+            self.backend.release(request_id)

@@ -58,3 +58,31 @@ def test_speculative_steps_on_the_triton_backend_equal_ar(tmp_path):
     beam = SpeculativeConfig(method="draft_model", model=str(draft), tree=TreeConfig(kind="beam", shape=(2, 2)))
     assert run("triton", beam) == ref
     assert run("triton", SpeculativeConfig(method="ngram", num_speculative_tokens=3)) == ref
+
+
+def test_sparse_self_drafting_through_triton_kernels_equals_ar(tmp_path):
+    """sparse_self on the Triton backend drafts through the UNIQUE kernels (page statistics, scoring,
+    selection, sparse attention) with a budget small enough that selection drops pages; still AR's tokens."""
+    from specray.config import SparseConfig, SpeculativeConfig, TreeConfig
+    from specray.spec.sparse_backend import TritonSparsePageBackend
+
+    target = make_checkpoint(tmp_path / "t", "llama", vocab_size=128, max_position_embeddings=256, tokenizer=False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    prompts = [list(range(5, 75)), list(range(100, 127)) * 2]
+
+    def engine(backend, spec=None):
+        return LLMEngine(EngineConfig(
+            model=str(target), device=device, dtype="float32", attention_backend=backend, skip_tokenizer_init=True,
+            cache=CacheConfig(page_size=8, num_pages=64),
+            scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=128),
+            speculative_config=spec,
+        ))
+
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    ref = [o.token_ids for o in engine("torch").generate(prompts, params)]
+    spec = SpeculativeConfig(method="sparse_self", tree=TreeConfig(kind="chain", length=3),
+                             sparse=SparseConfig(page_size=8, budget_tokens=32, sink_pages=1, recent_pages=2))
+    eng = engine("triton", spec)
+    assert isinstance(eng.spec.proposer.backend, TritonSparsePageBackend)
+    assert [o.token_ids for o in eng.generate(prompts, params)] == ref
+    assert eng.spec.stats.num_drafts > 0
