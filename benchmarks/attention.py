@@ -268,6 +268,7 @@ def main() -> None:
     ap.add_argument("--parts", nargs="+", default=["copy", "tune", "verify", "decode", "sparse", "chunk"])
     ap.add_argument("--contexts", nargs="+", type=int, default=[4096, 16384, 32768, 65536, 131072])
     ap.add_argument("--flex-contexts", nargs="+", type=int, default=[16384, 65536])
+    ap.add_argument("--sparse-contexts", nargs="+", type=int, default=[32768, 131072])
     ap.add_argument("--out", default="attention.json")
     args = ap.parse_args()
     rows: list[dict] = []
