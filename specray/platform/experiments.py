@@ -17,8 +17,8 @@ replicas (Ray Serve has no weighted traffic split; see `reference/ecosystem.md` 
 (`import_path: specray.platform.experiments:build_experiment_app`, `args: {experiment: path}`).
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: FastAPI resolves the ingress's `Request` annotations at
+# definition time, inside `_ingress_class`, where `Request` is a local name
 import copy
 import hashlib
 import json
@@ -56,7 +56,7 @@ class Experiment:
     traffic: dict[str, Any] = field(default_factory=dict)  # load-generator settings for `specray ab run`
     decision: dict[str, Any] = field(default_factory=dict)  # statistics settings for `specray ab run`
 
-    def arm(self, name: str) -> Arm:
+    def arm(self, name: str) -> "Arm":
         for a in self.arms:
             if a.name == name:
                 return a
@@ -244,7 +244,10 @@ def _ingress_class() -> type:
 
         async def _forward(self, arm: str, method: str, path: str, body: bytes,
                            headers: dict[str, str]) -> tuple[dict[str, Any], Any]:
-            stream = self.handles[arm].options(stream=True).dispatch.remote(method, path, body, headers)
+            # NOTE: `handle.dispatch` is DeploymentHandle's own method in Ray >= 2.5x, so the deployment's
+            # `dispatch` is named through `method_name`
+            handle = self.handles[arm].options(method_name="dispatch", stream=True)
+            stream = handle.remote(method, path, body, headers)
             head = await stream.__anext__()
             return head, stream
 
@@ -260,7 +263,9 @@ def _ingress_class() -> type:
             head, stream = await self._forward(arm, "POST", request.url.path, body, headers)
             status = str(head["status"])
             self.status_counts[arm][status] = self.status_counts[arm].get(status, 0) + 1
-            out_headers = {**head.get("headers", {}), "x-specray-arm": arm,
+            # the Serve proxy sets its own x-request-id; the OpenAI id is in the body
+            arm_headers = {k: v for k, v in head.get("headers", {}).items() if k.lower() != "x-request-id"}
+            out_headers = {**arm_headers, "x-specray-arm": arm,
                            "x-specray-experiment": self.experiment.name}
             if head.get("media_type") != "text/event-stream":
                 body_out = b"".join([c async for c in stream])
@@ -332,7 +337,7 @@ def load_experiment_dict(d: dict[str, Any]) -> Experiment:
     return Experiment(d["name"], d["model"], arms, d["control"], d.get("traffic", {}), d.get("decision", {}))
 
 
-def build_experiment_app(args: dict[str, Any] | Experiment | str) -> Application:
+def build_experiment_app(args: "dict[str, Any] | Experiment | str") -> "Application":
     """The A/B application: one `SpecrayServer` deployment per arm behind `ExperimentIngress`.
 
     args: `{experiment: path-or-mapping}` (or the experiment itself); optional
