@@ -8,6 +8,8 @@ Data owned here: ``SparsePageAttention`` owns its workspace, allocated once at c
     sel_vals:    [max_rows * Hkv * max_budget_pages] fp32, viewed as [R, Hkv, K]: scores of the kept pages
                  (-inf marks an unused entry when the prefix has fewer than K complete pages)
     sel_idx:     [max_rows * Hkv * max_budget_pages] int64, viewed as [R, Hkv, K]: page-table columns kept
+    candidates:  [max_rows * Hkv * cdiv(max_pages, select_block) * K_PAD] int64: per block of select_block
+                 scores, its top K_PAD (= next_pow2(K)) as (order-preserving score key << 32 | column)
     partial_out: [max_rows, Hq, max_splits, D] fp32 and partial_lse: [max_rows, Hq, max_splits] fp32 (split-KV)
 The page statistics (``specray.kernels.page_stats.PageStats``), KV cache, page tables, prefix lengths and
 outputs belong to the caller. ``PageStats`` is re-exported here.
@@ -41,7 +43,12 @@ import triton
 
 from specray.kernels.page_stats import LayerPageStats, PageStats
 from specray.kernels.paged_decode import _merge_splits_kernel
-from specray.kernels.sparse_pages_kernels import score_pages_kernel, select_pages_kernel, sparse_attention_kernel
+from specray.kernels.sparse_pages_kernels import (
+    merge_selection_kernel,
+    score_pages_kernel,
+    select_pages_kernel,
+    sparse_attention_kernel,
+)
 
 __all__ = ["LayerPageStats", "PageStats", "SparsePageAttention"]
 
@@ -65,8 +72,9 @@ class SparsePageAttention:
         block_n: KV tokens per attention block (power of two >= 16; raised to page_size if smaller).
         block_p: pages per scoring program (power of two >= 16).
         num_warps, num_stages: launch parameters of the attention kernel; score_warps of the scoring kernel.
-        selection_backend: "triton" (bitonic top-k kernel, one program per (row, KV head), ``select_block``
-            scores per step, ``select_warps`` warps) or "torch" (``torch.topk``).
+        selection_backend: "triton" (bitonic top-k over blocks of ``select_block`` scores, one program per
+            (row, KV head, block) with ``select_warps`` warps, then a merge of the blocks' candidates when there
+            are several) or "torch" (``torch.topk``).
     """
 
     def __init__(
@@ -90,7 +98,7 @@ class SparsePageAttention:
         num_stages: int = 2,
         score_warps: int = 4,
         selection_backend: str = "triton",
-        select_block: int = 4096,
+        select_block: int = 1024,
         select_warps: int = 8,
     ) -> None:
         if max_rows < 1 or max_pages < 1 or max_splits < 1:
@@ -137,6 +145,11 @@ class SparsePageAttention:
         self.scores = torch.empty(max_rows * num_kv_heads * max_pages, dtype=f32, device=dev)
         self.sel_vals = torch.empty(max_rows * num_kv_heads * self.max_budget_pages, dtype=f32, device=dev)
         self.sel_idx = torch.empty(max_rows * num_kv_heads * self.max_budget_pages, dtype=torch.int64, device=dev)
+        k_pad = triton.next_power_of_2(self.max_budget_pages)
+        max_blocks = triton.cdiv(max_pages, select_block)  # a multi-block selection uses blocks >= select_block
+        self.candidates = torch.empty(  # [max_rows * Hkv * max_blocks * K_PAD] int64 packed top-k per score block
+            max_rows * num_kv_heads * max_blocks * k_pad if max_blocks > 1 else 1, dtype=torch.int64, device=dev
+        )
         self.partial_out = torch.empty(max_rows, num_q_heads, max_splits, head_dim, dtype=f32, device=dev)
         self.partial_lse = torch.empty(max_rows, num_q_heads, max_splits, dtype=f32, device=dev)
         self.device = self.scores.device
@@ -327,10 +340,17 @@ class SparsePageAttention:
         else:
             k_pad = triton.next_power_of_2(k)
             block = max(k_pad, min(triton.next_power_of_2(width), self.select_block))
-            select_pages_kernel[(rows * hkv,)](
-                scores, sel_vals, sel_idx, width, width, K=k, K_PAD=k_pad, BLOCK=block,
-                NUM_BLOCKS=triton.cdiv(width, block), num_warps=self.select_warps,
+            num_blocks = triton.cdiv(width, block)
+            select_pages_kernel[(rows * hkv, num_blocks)](
+                scores, self.candidates, sel_vals, sel_idx, width, width, K=k, K_PAD=k_pad, BLOCK=block,
+                NUM_BLOCKS=num_blocks, num_warps=self.select_warps,
             )  # fmt: skip
+            if num_blocks > 1:
+                merge_selection_kernel[(rows * hkv,)](
+                    scores, self.candidates, sel_vals, sel_idx, width, K=k, K_PAD=k_pad,
+                    NUM_CAND=num_blocks * k_pad, CAND_PAD=triton.next_power_of_2(num_blocks * k_pad),
+                    num_warps=self.select_warps,
+                )  # fmt: skip
 
         # (c) split-KV attention over the kept pages and the partial page
         direct = splits == 1

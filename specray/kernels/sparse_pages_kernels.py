@@ -235,10 +235,22 @@ def sparse_attention_kernel(
 
 
 @triton.jit
+def _write_selection(row, best, sel_val_ptr, sel_idx_ptr, rh, K: tl.constexpr, K_PAD: tl.constexpr):
+    """Store the first K of ``best`` ([K_PAD] packed, descending): column and its score."""
+    offs_k = tl.arange(0, K_PAD)
+    keep = offs_k < K
+    cols = best & 0xFFFFFFFF
+    val = tl.load(row + cols, mask=keep, other=float("-inf"))
+    tl.store(sel_val_ptr + rh * K + offs_k, val, mask=keep)
+    tl.store(sel_idx_ptr + rh * K + offs_k, cols, mask=keep)
+
+
+@triton.jit
 def select_pages_kernel(
     scores_ptr,  # [R * Hkv, P] fp32 (+inf forced, -inf unused)
-    sel_val_ptr,  # [R * Hkv, K] fp32 out
-    sel_idx_ptr,  # [R * Hkv, K] int64 out
+    cand_ptr,  # [R * Hkv, NUM_BLOCKS, K_PAD] int64 packed candidates (written when NUM_BLOCKS > 1)
+    sel_val_ptr,  # [R * Hkv, K] fp32 out (when NUM_BLOCKS == 1)
+    sel_idx_ptr,  # [R * Hkv, K] int64 out (when NUM_BLOCKS == 1)
     width,  # P
     stride_s,
     K: tl.constexpr,
@@ -246,30 +258,41 @@ def select_pages_kernel(
     BLOCK: tl.constexpr,
     NUM_BLOCKS: tl.constexpr,
 ):
-    """Program (row, kv head): the K largest scores and their columns, by a bitonic top-k over the scores packed
-    with their column as int64 (order-preserving int32 key << 32 | column), block by block with a running top-k.
-    Ties go to the larger column. Same output as torch.topk(sorted=False) up to the choice among ties."""
+    """Program (row x kv head, block of BLOCK columns): the block's K_PAD largest scores, by a bitonic top-k over
+    the scores packed with their column as int64 (order-preserving int32 key << 32 | column; ties go to the
+    larger column). With one block this is the selection; else ``merge_selection_kernel`` merges the blocks."""
     rh = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
     row = scores_ptr + rh * stride_s
-    offs = tl.arange(0, BLOCK)
-    lowest: tl.constexpr = -(2**63)
-    best = tl.full([K_PAD], lowest, dtype=tl.int64)
-    for b in tl.static_range(NUM_BLOCKS):
-        cols = b * BLOCK + offs
-        in_row = cols < width
-        s = tl.load(row + cols, mask=in_row, other=float("-inf"))
-        bits = s.to(tl.int32, bitcast=True)
-        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int32 ordered like the floats
-        packed = (key.to(tl.int64) << 32) | cols.to(tl.int64)
-        packed = tl.where(in_row, packed, lowest)
-        top = tl.topk(packed, K_PAD)  # [K_PAD] descending
-        if NUM_BLOCKS == 1:
-            best = top
-        else:
-            best = tl.topk(tl.reshape(tl.join(best, top), [2 * K_PAD]), K_PAD)
-    offs_k = tl.arange(0, K_PAD)
-    keep = offs_k < K
-    cols = best & 0xFFFFFFFF
-    val = tl.load(row + cols, mask=keep, other=float("-inf"))
-    tl.store(sel_val_ptr + rh * K + offs_k, val, mask=keep)
-    tl.store(sel_idx_ptr + rh * K + offs_k, cols, mask=keep)
+    cols = blk * BLOCK + tl.arange(0, BLOCK)
+    in_row = cols < width
+    s = tl.load(row + cols, mask=in_row, other=float("-inf"))
+    bits = s.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int32 ordered like the floats
+    packed = (key.to(tl.int64) << 32) | cols.to(tl.int64)
+    packed = tl.where(in_row, packed, -(2**63))
+    top = tl.topk(packed, K_PAD)  # [K_PAD] descending
+    if NUM_BLOCKS == 1:
+        _write_selection(row, top, sel_val_ptr, sel_idx_ptr, rh, K, K_PAD)
+    else:
+        tl.store(cand_ptr + (rh * NUM_BLOCKS + blk) * K_PAD + tl.arange(0, K_PAD), top)
+
+
+@triton.jit
+def merge_selection_kernel(
+    scores_ptr,  # [R * Hkv, P] fp32
+    cand_ptr,  # [R * Hkv, NUM_CAND] int64 packed candidates
+    sel_val_ptr,  # [R * Hkv, K] fp32 out
+    sel_idx_ptr,  # [R * Hkv, K] int64 out
+    stride_s,
+    K: tl.constexpr,
+    K_PAD: tl.constexpr,
+    NUM_CAND: tl.constexpr,
+    CAND_PAD: tl.constexpr,
+):
+    """Program (row x kv head): top K of the blocks' candidates."""
+    rh = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, CAND_PAD)
+    cand = tl.load(cand_ptr + rh * NUM_CAND + offs, mask=offs < NUM_CAND, other=-(2**63))
+    best = tl.topk(cand, K_PAD)
+    _write_selection(scores_ptr + rh * stride_s, best, sel_val_ptr, sel_idx_ptr, rh, K, K_PAD)
