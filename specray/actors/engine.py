@@ -249,7 +249,7 @@ class DistributedEngine:
         self.check_health()
         return ray.get(self._shards[0].counts.remote())["pages_in_use"]
 
-    def step(self, timeout_s: float = 1.0) -> list[RequestOutput]:
+    def step(self, timeout_s: float = 0.1) -> list[RequestOutput]:
         """Outputs of the requests that made progress since the last call; waits up to `timeout_s`
         for the first batch. Raises `EngineUnhealthyError` when an actor died (pending requests end)."""
         if self._orphans:

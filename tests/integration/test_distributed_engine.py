@@ -6,6 +6,7 @@ checkpoints; so does TP=2 without speculation. A killed shard actor fails the pe
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -22,12 +23,14 @@ from specray.config import (  # noqa: E402
     SpeculativeConfig,
     TreeConfig,
 )
+from specray.engine.async_engine import AsyncLLMEngine  # noqa: E402
 from specray.engine.llm_engine import LLMEngine  # noqa: E402
 from specray.engine.sampling_params import SamplingParams  # noqa: E402
 from tests.support.tiny import make_checkpoint, perturbed_copy  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
 PARAMS = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+RETRIEVAL = RetrievalConfig(chunk_size=8, top_k_chunks=4, refresh_every=2)
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +47,8 @@ def models(tmp_path_factory):
     for family in ("llama", "qwen2"):
         target = make_checkpoint(root / family, family, vocab_size=128, tokenizer=False)
         out[family] = (target, perturbed_copy(target, root / f"{family}-draft", scale=0.1, num_hidden_layers=1))
+    # a close draft: its guesses of the accepted path often hold (exercises the overlap's hit path)
+    out["qwen2-close"] = (out["qwen2"][0], perturbed_copy(out["qwen2"][0], root / "close", scale=0.01))
     return out
 
 
@@ -53,12 +58,12 @@ def prompts():
     return [torch.randint(3, 128, (n,), generator=g).tolist() for n in (70, 45)]  # > retrieval budget (32)
 
 
-def _config(target, draft=None, placement="separate", **kw) -> EngineConfig:
+def _config(target, draft=None, placement="separate", retrieval=RETRIEVAL, **kw) -> EngineConfig:
     spec = None
     if draft is not None:
         spec = SpeculativeConfig(
             method="draft_model", model=str(draft), tree=TreeConfig(kind="chain", length=4),
-            retrieval=RetrievalConfig(chunk_size=8, top_k_chunks=4, refresh_every=2), draft_placement=placement,
+            retrieval=retrieval, draft_placement=placement,
         )
     return EngineConfig(
         model=str(target), device="cpu", dtype="float32", skip_tokenizer_init=True,
@@ -117,15 +122,29 @@ def test_tp2_separate_draft_equals_single_rank_and_survives_a_killed_shard(clust
 
 
 def test_tp2_separate_overlapped_draft_equals_single_rank(cluster, models, prompts):
-    target, draft = models["qwen2"]
-    reference = _oracle(_config(target, draft), prompts)
-    engine = DistributedEngine(_config(target, draft, tensor_parallel_size=2, overlap=True))
+    """Overlap: the draft commits its guess of the step's outcome and drafts the next tree during
+    verification; hits are used, misses rolled back, and the output stays the oracle's. A killed draft
+    actor fails the pending requests."""
+    target, draft = models["qwen2-close"]
+    wide = RetrievalConfig(chunk_size=8, top_k_chunks=12, refresh_every=3)  # working set ~ whole context
+    reference = _oracle(_config(target, draft, retrieval=wide), prompts)
+    engine = DistributedEngine(_config(target, draft, retrieval=wide, tensor_parallel_size=2, overlap=True))
     try:
         outs = engine.generate(prompts, PARAMS)
         assert [o.token_ids for o in outs] == reference
         _check_spec_run(engine, outs)
         draft_stats = engine.stats()["draft"]
-        assert draft_stats["guesses"] > 0  # drafted ahead while the target verified
+        assert draft_stats["guesses"] > draft_stats["guess_hits"] > 0
+
+        engine.add_request("doomed", prompts[0], SamplingParams(temperature=0, max_tokens=150, ignore_eos=True))
+        while not engine.step():
+            pass
+        ray.kill(engine.draft_actor, no_restart=True)
+        t0 = time.monotonic()
+        with pytest.raises(EngineUnhealthyError, match="doomed"):
+            while time.monotonic() - t0 < 30:
+                engine.step()
+        assert time.monotonic() - t0 < 10
     finally:
         engine.shutdown()
 
@@ -139,5 +158,15 @@ def test_tp2_without_speculation_equals_single_rank(cluster, models, prompts):
         assert [o.token_ids for o in outs] == reference
         assert engine.pages_in_use() == 0
         assert engine.draft_actor is None
+
+        async def stream() -> list[int]:  # the serving layer's driver works unchanged
+            front = AsyncLLMEngine(engine)
+            tokens = []
+            async for out in front.generate(prompts[1], PARAMS, "async-1"):
+                tokens = out.token_ids
+            await front.shutdown()
+            return tokens
+
+        assert asyncio.run(stream()) == reference[1]
     finally:
         engine.shutdown()
