@@ -287,6 +287,27 @@ class SparsePageAttention:
             if t is not None and t.device != self.device:
                 raise ValueError(f"{name} is on {t.device}, expected {self.device}")
 
+    def _select(self, scores: torch.Tensor, sel_vals: torch.Tensor, sel_idx: torch.Tensor) -> None:
+        """scores [R, Hkv, P] fp32 -> the top K per (row, KV head): sel_vals / sel_idx [R * Hkv, K]."""
+        rows, hkv, width = scores.shape
+        k = sel_vals.shape[1]
+        if self.selection_backend == "torch":
+            torch.topk(scores.view(rows * hkv, width), k, dim=1, sorted=False, out=(sel_vals, sel_idx))
+        else:
+            k_pad = triton.next_power_of_2(k)
+            block = max(k_pad, min(triton.next_power_of_2(width), self.select_block))
+            num_blocks = triton.cdiv(width, block)
+            select_pages_kernel[(rows * hkv, num_blocks)](
+                scores, self.candidates, sel_vals, sel_idx, width, width, K=k, K_PAD=k_pad, BLOCK=block,
+                NUM_BLOCKS=num_blocks, num_warps=self.select_warps,
+            )  # fmt: skip
+            if num_blocks > 1:
+                merge_selection_kernel[(rows * hkv,)](
+                    scores, self.candidates, sel_vals, sel_idx, width, K=k, K_PAD=k_pad,
+                    NUM_CAND=num_blocks * k_pad, CAND_PAD=triton.next_power_of_2(num_blocks * k_pad),
+                    num_warps=self.select_warps,
+                )  # fmt: skip
+
     def run(
         self,
         q: torch.Tensor,
@@ -335,22 +356,7 @@ class SparsePageAttention:
         )  # fmt: skip
         # (b) top-K per (row, kv head); -inf entries are unused slots of short prefixes
         sel_vals, sel_idx = (t[: rows * hkv * k].view(rows * hkv, k) for t in (self.sel_vals, self.sel_idx))
-        if self.selection_backend == "torch":
-            torch.topk(scores.view(rows * hkv, width), k, dim=1, sorted=False, out=(sel_vals, sel_idx))
-        else:
-            k_pad = triton.next_power_of_2(k)
-            block = max(k_pad, min(triton.next_power_of_2(width), self.select_block))
-            num_blocks = triton.cdiv(width, block)
-            select_pages_kernel[(rows * hkv, num_blocks)](
-                scores, self.candidates, sel_vals, sel_idx, width, width, K=k, K_PAD=k_pad, BLOCK=block,
-                NUM_BLOCKS=num_blocks, num_warps=self.select_warps,
-            )  # fmt: skip
-            if num_blocks > 1:
-                merge_selection_kernel[(rows * hkv,)](
-                    scores, self.candidates, sel_vals, sel_idx, width, K=k, K_PAD=k_pad,
-                    NUM_CAND=num_blocks * k_pad, CAND_PAD=triton.next_power_of_2(num_blocks * k_pad),
-                    num_warps=self.select_warps,
-                )  # fmt: skip
+        self._select(scores, sel_vals, sel_idx)
 
         # (c) split-KV attention over the kept pages and the partial page
         direct = splits == 1
