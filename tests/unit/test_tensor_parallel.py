@@ -113,3 +113,28 @@ def test_tp_forward_matches_single_rank(ckpt, tmp_path):
     assert got.shape == ref.shape == (len(tokens), VOCAB)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"tensor_parallel_size": 0}, "tensor_parallel_size must be an integer >= 1"),
+    ({"overlap": True}, "overlap: true needs speculative_config.method 'draft_model' with draft_placement 'separate'"),
+    ({"overlap": True, "speculative_config": {"method": "ngram", "draft_placement": "separate"}}, "overlap"),
+])
+def test_distributed_config_errors_name_the_field(data, match):
+    from specray.config import load_engine_config
+
+    with pytest.raises(ConfigError, match=match):
+        load_engine_config(data)
+
+
+@pytest.mark.parametrize("spec,tp,match", [
+    ({"method": "ngram", "draft_placement": "separate"}, 1, "draft_placement 'separate' runs a 'draft_model'"),
+    ({"method": "draft_model", "model": "x", "draft_tensor_parallel_size": 2}, 1, "draft_tensor_parallel_size"),
+    ({"method": "longspec"}, 2, "method 'longspec' reads the full KV cache"),
+])
+def test_distributed_engine_rejects_unsupported_speculation(spec, tp, match):
+    from specray.actors.shard import check_distributed_config
+    from specray.config import load_engine_config
+
+    with pytest.raises(ConfigError, match=match):
+        check_distributed_config(load_engine_config({"speculative_config": spec, "tensor_parallel_size": tp}))
