@@ -45,6 +45,14 @@ PS = 16
 DT = torch.bfloat16
 
 
+def matmul_rate(n: int = 8192) -> float:
+    """FLOP/s of a bf16 n x n x n matrix product (cuBLAS, random data): the arithmetic ceiling."""
+    a = torch.randn(n, n, dtype=DT, device="cuda")
+    b = torch.randn(n, n, dtype=DT, device="cuda")
+    t = bench_graph(lambda i: a @ b, 1, reps=20)
+    return 2 * n**3 / t
+
+
 def bench_graph(fn, n_layers: int, reps: int = 30) -> float:
     """Median seconds per layer: fn(layer) for every layer, captured in one CUDA graph."""
     for i in range(n_layers):  # warm-up (compiles outside the capture)
@@ -158,9 +166,11 @@ def part_tune(args, rows):
             except Exception as e:  # noqa: BLE001
                 print(f"  {name} {var}: failed {type(e).__name__}: {str(e)[:100]}")
                 continue
+            tfl = 4 * 69 * hq * ctx * d / t / 1e12
             rows.append(dict(part="tune", shape=name, ctx=ctx, batch=b, **var, splits=att.num_splits,
-                             us=t * 1e6, bw_frac=floor / t))
-            print(f"tune {name} {var} splits={att.num_splits}: {t * 1e6:.1f} us, {floor / t:.1%} of copy bw")
+                             us=t * 1e6, bw_frac=floor / t, tflops=tfl))
+            print(f"tune {name} {var} splits={att.num_splits}: {t * 1e6:.1f} us, {floor / t:.1%} of copy bw, "
+                  f"{tfl:.0f} TFLOP/s")
         inp = None
         torch.cuda.empty_cache()
 
@@ -189,8 +199,11 @@ def part_verify(args, rows):
                 scale = d**-0.5
                 t_ours = bench_graph(lambda i: att.run(q, inp.k[i], inp.v[i], scale, out=out, lse=lse), nl)
                 floor = per_layer / args.copy_bw
-                row = dict(part="verify", shape=name, batch=b, ctx=ctx, nodes=n, bytes=per_layer,
-                           ours_us=t_ours * 1e6, bw_frac=floor / t_ours, splits=att.num_splits, **var)
+                flops = 4 * b * n * hq * ctx * d  # QK^T and PV over the prefix
+                roof = max(floor, flops / args.mm_rate)
+                row = dict(part="verify", shape=name, batch=b, ctx=ctx, nodes=n, bytes=per_layer, flops=flops,
+                           ours_us=t_ours * 1e6, bw_frac=floor / t_ours, roofline_frac=roof / t_ours,
+                           tflops=flops / t_ours / 1e12, splits=att.num_splits, **var)
                 # baselines on the same inputs: contiguous K/V of prefix + tree nodes, one layer
                 dense_bytes = b * hq * (ctx + n) * d * 2 * 2
                 if dense_bytes < (20 << 30):
@@ -224,7 +237,8 @@ def part_verify(args, rows):
                             row["flex_error"] = f"{type(e).__name__}: {str(e)[:160]}"
                     kd = vd = full = None
                 rows.append(row)
-                print(f"verify {name} B={b} ctx={ctx}: ours {t_ours * 1e6:.1f} us ({floor / t_ours:.1%} bw), "
+                print(f"verify {name} B={b} ctx={ctx}: ours {t_ours * 1e6:.1f} us ({floor / t_ours:.1%} bw, "
+                      f"{flops / t_ours / 1e12:.0f} TFLOP/s, {roof / t_ours:.1%} of roofline), "
                       f"sdpa {row.get('sdpa_mask_us', float('nan')):.1f} us, "
                       f"flex {row.get('flex_us', float('nan')):.1f} us {row.get('flex_error', '')[:60]}")
                 inp = att = None
@@ -274,7 +288,8 @@ def main() -> None:
     rows: list[dict] = []
     t0 = time.time()
     args.copy_bw = copy_bandwidth()
-    print(f"copy bandwidth {args.copy_bw / 1e9:.0f} GB/s")
+    args.mm_rate = matmul_rate()
+    print(f"copy bandwidth {args.copy_bw / 1e9:.0f} GB/s, bf16 matmul {args.mm_rate / 1e12:.0f} TFLOP/s")
     parts = {"tune": part_tune, "verify": part_verify, "decode": part_decode}
     try:
         from benchmarks.attention_sparse import part_chunk, part_sparse  # noqa: PLC0415
@@ -286,7 +301,8 @@ def main() -> None:
         if p in parts:
             parts[p](args, rows)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, python=platform.python_version(),
-                copy_bw_gbs=args.copy_bw / 1e9, date=time.strftime("%Y-%m-%d"), seconds=time.time() - t0,
+                copy_bw_gbs=args.copy_bw / 1e9, matmul_tflops=args.mm_rate / 1e12,
+                date=time.strftime("%Y-%m-%d"), seconds=time.time() - t0,
                 command=" ".join(sys.argv))
     import triton
 
