@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 PROMPT ?= Write a haiku about speculative decoding.
 
-.PHONY: install test test-fast lint serve generate models clean
+.PHONY: install test test-fast lint serve generate models clean mlflow
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ lint: install
 serve: install
 	$(VENV)/bin/specray models pull smollm2-135m
 	$(VENV)/bin/specray serve --model smollm2-135m --host 127.0.0.1 --port 8000
+
+# MLflow tracking server for `specray ab run --tracking-uri http://127.0.0.1:5000` (runs in ./mlruns.db).
+mlflow: install
+	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///mlruns.db --host 127.0.0.1 --port 5000
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
