@@ -160,10 +160,10 @@ def _tracking_uri(args: argparse.Namespace) -> str | None:
 def cmd_ab_run(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("num_prompts", args.num_prompts), ("request_rate", args.request_rate),
                                    ("max_concurrency", args.max_concurrency), ("seed", args.seed)) if v is not None}
-    opts = {"num_cpus": args.arm_num_cpus} if args.arm_num_cpus is not None else None
+    opts = {k: v for k, v in (("num_cpus", args.arm_num_cpus), ("num_gpus", args.arm_num_gpus)) if v is not None}
     try:
-        run_id, decision = run_ab(args.experiment, _tracking_uri(args), args.address, args.port, overrides, opts,
-                                  args.keep_serving, args.result_file)
+        run_id, decision = run_ab(args.experiment, _tracking_uri(args), args.address, args.port, overrides,
+                                  opts or None, args.keep_serving, args.result_file)
     except ConfigError as e:
         print(f"specray: error: {e}", file=sys.stderr)
         return 2
@@ -198,6 +198,8 @@ def add_ab_parser(sub: Any) -> None:
     r.add_argument("--max-concurrency", type=int, default=None)
     r.add_argument("--seed", type=int, default=None)
     r.add_argument("--arm-num-cpus", type=float, default=None, help="CPUs per arm replica (Ray logical)")
+    r.add_argument("--arm-num-gpus", type=float, default=None,
+                   help="GPUs per arm replica (0.5: two arms share one GPU; lower cache.gpu_memory_utilization)")
     r.add_argument("--keep-serving", action="store_true", help="leave the deployments running afterwards")
     r.add_argument("--result-file", default=None, help="also write bench rows + decision JSON here")
     r.set_defaults(func=cmd_ab_run)

@@ -38,10 +38,14 @@ def test_loads_arms_with_merged_engines():
     assert exp.model == "/models/tiny"  # served name defaults to the model
 
 
-def test_example_experiment_file_loads():
-    path = Path(__file__).resolve().parents[2] / "configs" / "experiments" / "sparse-vs-none.yaml"
+@pytest.mark.parametrize("name", ["sparse-vs-none", "qwen-gpu"])
+def test_example_experiment_files_load(name):
+    from specray.pipelines.ab import DECISION_KEYS, TRAFFIC_KEYS
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "experiments" / f"{name}.yaml"
     exp = load_experiment(path)
     assert {a.name for a in exp.arms} == {"none", "sparse_self"}
+    assert set(exp.traffic) <= set(TRAFFIC_KEYS) and set(exp.decision) <= set(DECISION_KEYS)
 
 
 @pytest.mark.parametrize("over, match", [
