@@ -64,7 +64,7 @@ def test_sparse_page_attention_cuda_graph_replay() -> None:
 def test_page_stats_all_layers_gpu() -> None:
     base = paged_inputs([32768, 1000], 8, 128, 16, BF16, DEV, seed=3)
     layers = [base.k_cache * (i + 1) for i in range(4)]
-    stats = PageStats(layers)
+    stats = PageStats(layers, mean_dtype=F32)
     ids = base.full_pages
     stats.update_all(torch.cat([ids, torch.full((5,), -1, dtype=torch.int32, device=DEV)]))
     for layer in (0, 3):
