@@ -27,6 +27,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
 
 from specray.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from specray.engine.sequence import RequestOutput
@@ -242,10 +244,15 @@ class OpenAIServing:
                     await events.aclose()
                 return
             last = first
-            if not first.finished:
-                async for out in gen:
-                    timing.saw(out)
-                    last = out
+            try:
+                if not first.finished:
+                    async for out in gen:
+                        timing.saw(out)
+                        last = out
+            except Exception as e:  # noqa: BLE001 - the engine died mid-request: 503, not a hang or a bare 500
+                for item in self._error(HTTPError(_status_of(e), str(e))):
+                    yield item
+                return
             self._record(timing, last)
             resp = self._full_response(req, request_id, last, chat)
             yield head
@@ -346,11 +353,9 @@ class _Timing:
 # ---- FastAPI -------------------------------------------------------------------------------------
 
 
-async def respond(serving: OpenAIServing, request: Any) -> Any:
+async def respond(serving: OpenAIServing, request: Request) -> Response:
     """Run one Starlette request through `serving.handle` and return a Starlette response
     (a `StreamingResponse` for SSE). Shared by `make_fastapi_app` and the Ray Serve deployment."""
-    from starlette.responses import Response, StreamingResponse
-
     path = request.url.path
     root = request.scope.get("root_path") or ""
     if root and root != "/" and path.startswith(root):
@@ -368,7 +373,7 @@ async def respond(serving: OpenAIServing, request: Any) -> Any:
 
 def make_fastapi_app(serving: OpenAIServing):
     """A FastAPI app with the OpenAI routes of one engine (for uvicorn or tests without Ray)."""
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
 
     app = FastAPI(title="specray", description="OpenAI-compatible speculative-decoding server")
 

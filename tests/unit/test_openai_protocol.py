@@ -125,3 +125,78 @@ def test_completion_in_process(serving):
     assert resp["choices"][0]["text"] == ref.text
     assert resp["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
     assert resp["metrics"] is None  # no speculation on this engine
+
+
+def test_build_app_validates_args_and_engine_fields(tmp_path):
+    from specray.errors import ConfigError
+    from specray.platform.serve import apps_from_config, build_app, deployment_options
+
+    with pytest.raises(ConfigError, match="unknown build_app arg 'engines'"):
+        build_app({"engines": {}})
+    with pytest.raises(ConfigError, match="speculative_config.method"):
+        build_app({"engine": {"model": "m", "speculative_config": {"method": "medusa"}}})
+    with pytest.raises(ConfigError, match="either `engine`"):
+        build_app({"engine": {}, "config": "x.yaml"})
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_app({"config": str(tmp_path / "missing.yaml")})
+    bad = tmp_path / "serve.yaml"
+    bad.write_text("applications:\n  - name: a\n    import_path: specray.platform.serve:no_such_builder\n")
+    with pytest.raises(ConfigError, match="applications\\[0\\].import_path"):
+        apps_from_config(bad)
+    from specray.config import EngineConfig
+
+    assert deployment_options(EngineConfig(device="cpu")) == {"num_cpus": 1, "num_gpus": 0}
+    assert deployment_options(EngineConfig(device="cuda")) == {"num_cpus": 1, "num_gpus": 1}
+
+
+def test_fastapi_app_without_ray(serving):
+    """`make_fastapi_app` (uvicorn-style use) goes through the same core: JSON, SSE and errors."""
+    from fastapi.testclient import TestClient
+
+    from specray.engine.async_engine import AsyncLLMEngine
+    from specray.platform.openai_app import OpenAIServing, make_fastapi_app
+
+    app = make_fastapi_app(OpenAIServing(AsyncLLMEngine(serving.llm), "tiny"))
+    with TestClient(app) as client:
+        assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+        assert client.get("/health").status_code == 200
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "w5"}], "max_tokens": 4,
+                "ignore_eos": True, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+        with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        assert json.loads(events[-2][6:])["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+        r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": [], "max_tokens": 2})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "messages"]
+        assert "specray:kv_cache_pages_in_use" in client.get("/metrics").text
+    assert serving.llm.pages_in_use() == 0
+
+
+def test_engine_failure_is_503_and_unhealthy(serving, monkeypatch):
+    from specray.engine.async_engine import AsyncLLMEngine
+    from specray.platform.openai_app import OpenAIServing
+
+    broken = OpenAIServing(AsyncLLMEngine(serving.llm), "tiny")
+    calls = {"n": 0}
+    real_step = serving.llm.step
+
+    def failing_step():
+        calls["n"] += 1
+        if calls["n"] > 2:  # the prefill and first decode work, then the "worker" dies
+            raise RuntimeError("device lost")
+        return real_step()
+
+    monkeypatch.setattr(serving.llm, "step", failing_step)
+    body = json.dumps({"model": "tiny", "prompt": "w5 w6", "max_tokens": 20, "ignore_eos": True}).encode()
+
+    async def run():
+        plain = [x async for x in broken.handle("POST", "/v1/completions", body, {})]
+        health = [x async for x in broken.handle("GET", "/health")]
+        await broken.engine.shutdown()
+        return plain, health
+
+    plain, health = asyncio.run(run())
+    assert plain[0]["status"] == 503 and b"device lost" in plain[1]
+    assert health[0]["status"] == 503
+    assert serving.llm.pages_in_use() == 0
