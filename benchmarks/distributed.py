@@ -26,6 +26,7 @@ importable (the GPU machine's Ray comes from a carried wheelhouse); a local Ray 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from pathlib import Path
@@ -129,20 +130,20 @@ def timed_run(engine, prompt: list[int], n: int) -> dict[str, Any]:
 
     engine.add_request(f"bench-{time.monotonic_ns()}", prompt, SamplingParams(temperature=0, max_tokens=n,
                                                                              ignore_eos=True))
-    tokens, t_first, step_s, calls = [], None, 0.0, 0
+    tokens, t_first, step_s, calls, last = [], None, 0.0, 0, None
     while engine.has_unfinished_requests():
         t0 = time.perf_counter()
         outs = engine.step()
         step_s += time.perf_counter() - t0
         calls += 1
         for out in outs:
-            tokens = out.token_ids
+            tokens, last = out.token_ids, out
             if t_first is None and tokens:
                 t_first = time.perf_counter()
     elapsed = time.perf_counter() - t_first
     return {"tokens": tokens, "decode_tok_s": (len(tokens) - 1) / elapsed, "decode_ms_per_token":
             1e3 * elapsed / (len(tokens) - 1), "driver_step_calls": calls, "driver_step_s": step_s,
-            "spec_metrics": getattr(outs[-1], "spec_metrics", None) if outs else None}
+            "spec_metrics": last.spec_metrics if last is not None else None}
 
 
 def leader_delta(before: dict, after: dict) -> dict[str, Any]:
@@ -192,6 +193,7 @@ def run_inprocess(cfg, prompt, n, warm: list[int]) -> dict[str, Any]:
             row[k.replace("_s", "_ms_per_spec_step")] = 1e3 * (v - spec0[1][k]) / drafts
         row["spec_steps"] = engine.spec.stats.num_drafts - spec0[0]
     del engine
+    gc.collect()  # the engine and its speculative decoder reference each other
     torch.cuda.empty_cache()
     return row
 

@@ -110,13 +110,15 @@ class RemoteDraftProposer:
         return trees
 
     def commit(self, seqs, trees, results, target_q=None) -> None:
-        scores: dict[str, torch.Tensor] = {}
+        scores: dict[str, Any] = {}
         if self.retrieval is not None:
             from specray.actors.shard import chunk_scores
 
             t0 = time.perf_counter()
             rids, items = _score_items({}, seqs, trees, results, lambda r: self.refresh_due.get(r, False))
-            scores = dict(zip(rids, chunk_scores(self.engine, items, self.retrieval.chunk_size), strict=True))
+            # numpy on the wire (pickles far faster than torch tensors)
+            scores = {r: c.numpy() for r, c in zip(rids, chunk_scores(self.engine, items, self.retrieval.chunk_size),
+                                                    strict=True)}
             self.timings["scores_s"] += time.perf_counter() - t0
         self.events.append(("commit", [s.request_id for s in seqs], [(r.path, r.bonus) for r in results], scores))
 
@@ -228,7 +230,7 @@ class DraftWorker:
 
     def _commit(self, rids: list[str], results: list[AcceptResult], scores: dict) -> None:
         seqs = [self.mirror[r] for r in rids]
-        self.proposer.scores.update(scores)
+        self.proposer.scores.update({r: torch.from_numpy(v) for r, v in scores.items()})
         self.proposer.commit(seqs, [self.trees[r] for r in rids], results, [None] * len(seqs))
 
     def _step(self, events, batch) -> tuple[list[DraftTree], list[bool]]:

@@ -90,14 +90,14 @@ class DistributedEngine:
                       for r, s in enumerate(self._shards)]
             if self._draft is not None:
                 setups.append(self._draft.setup_device.remote(use_gpu))
-            ray.get(setups)
+            _gather(setups)
             address, port = ray.get(self._shards[0].free_address.remote())
             layout = Layout(tp, separate, "nccl" if use_gpu else "gloo")
-            ray.get([m.init_world.remote(r, layout, address, port) for r, m in enumerate(members)])
-            infos = ray.get([s.build.remote(cfg) for s in self._shards])
+            _gather([m.init_world.remote(r, layout, address, port) for r, m in enumerate(members)])
+            infos = _gather([s.build.remote(cfg) for s in self._shards])
             if self._draft is not None:
                 ray.get(self._draft.build.remote(cfg, infos[0]["num_pages"], infos[0]["max_model_len"]))
-        except ray.exceptions.RayTaskError as e:
+        except Exception as e:  # a failed start leaves no actors or reserved bundles behind
             self._kill()
             cause = getattr(e, "cause", None)
             raise (cause if isinstance(cause, SpecrayError) else e) from None
@@ -322,6 +322,18 @@ class DistributedEngine:
     @property
     def draft_actor(self) -> Any:
         return self._draft
+
+
+def _gather(refs: list[Any]) -> list[Any]:
+    """`ray.get` of calls that run collectives together: the first failure raises at once (the other
+    ranks may wait forever on the failed one inside a collective)."""
+    import ray
+
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        ray.get(done[0])
+    return ray.get(refs)
 
 
 def _load_tokenizer(ref: str):
