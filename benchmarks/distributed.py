@@ -14,7 +14,8 @@ Sections (each writes `<out>/<section>.json`):
                draft without overlap, separate with overlap, colocated; decode tokens/s at --pair-context
                (16K), code-completion prompt, all in one run. Needs --target/--draft (and --tokenizer).
 
-Needs 2 GPUs for TP=2 and a third for a separate draft (run on 4 H200s for everything). Ray must be
+Needs 2 GPUs for TP=2 and a third for a separate draft: on 4 H200s run everything; on 2 GPUs run
+`--sections latency overhead` (the equality and pair sections place TP=2 plus a draft GPU). Ray must be
 importable (the GPU machine's Ray comes from a carried wheelhouse); a local Ray cluster is started unless
 --ray-address is given. The exact command (4x H200):
 

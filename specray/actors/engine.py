@@ -205,7 +205,7 @@ class DistributedEngine:
         ids = self.encode(prompt)
         self._live.add(request_id)
         try:
-            ray.get(self._shards[0].add_request.remote(request_id, ids, params))
+            self._call(self._shards[0].add_request.remote(request_id, ids, params))
         except ray.exceptions.RayTaskError as e:
             self._live.discard(request_id)
             cause = getattr(e, "cause", None)
@@ -214,9 +214,11 @@ class DistributedEngine:
             self._live.discard(request_id)
             self._fail(f"the leader shard died: {e!r}")
             self.check_health()
+        except EngineUnhealthyError:
+            self._live.discard(request_id)
+            raise
 
     def abort(self, request_id: str) -> bool:
-        import ray
 
         if request_id in self._orphans:
             self._orphans.discard(request_id)
@@ -227,7 +229,7 @@ class DistributedEngine:
         if self._error is not None:
             return True
         try:
-            return ray.get(self._shards[0].abort.remote(request_id), timeout=30)
+            return self._call(self._shards[0].abort.remote(request_id))
         except Exception:  # noqa: BLE001 - the monitor reports the dead actor
             return True
 
@@ -244,10 +246,8 @@ class DistributedEngine:
 
     def pages_in_use(self) -> int:
         """KV pages held on the target shards (a control call to the leader)."""
-        import ray
 
-        self.check_health()
-        return ray.get(self._shards[0].counts.remote())["pages_in_use"]
+        return self._call(self._shards[0].counts.remote())["pages_in_use"]
 
     def step(self, timeout_s: float = 0.1) -> list[RequestOutput]:
         """Outputs of the requests that made progress since the last call; waits up to `timeout_s`
@@ -301,13 +301,22 @@ class DistributedEngine:
 
     def stats(self) -> dict[str, Any]:
         """Leader timings (plan broadcasts, draft exchange, spec phases) and draft-actor counters."""
+
+        out = self._call(self._shards[0].stats.remote())
+        if self._draft is not None:
+            out["draft"] = self._call(self._draft.stats.remote())
+        return out
+
+    def _call(self, ref: Any) -> Any:
+        """Wait for a control call, but never past the engine turning unhealthy (a leader stuck in a
+        collective with a dead peer would otherwise hold the caller forever)."""
         import ray
 
-        self.check_health()
-        out = ray.get(self._shards[0].stats.remote())
-        if self._draft is not None:
-            out["draft"] = ray.get(self._draft.stats.remote())
-        return out
+        while True:
+            self.check_health()
+            done, _ = ray.wait([ref], timeout=0.25)
+            if done:
+                return ray.get(ref)
 
     def actor_pids(self) -> dict[str, Any]:
         import ray

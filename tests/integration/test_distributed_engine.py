@@ -172,5 +172,13 @@ def test_tp2_without_speculation_equals_single_rank(cluster, models, prompts):
             return tokens
 
         assert asyncio.run(stream()) == reference[1]
+
+        engine.add_request("orphan", prompts[0], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+        ray.kill(engine.shards[0], no_restart=True)  # the leader itself
+        t0 = time.monotonic()
+        with pytest.raises(EngineUnhealthyError, match="orphan"):
+            while time.monotonic() - t0 < 30:
+                engine.step()
+        assert time.monotonic() - t0 < 10
     finally:
         engine.shutdown()
