@@ -41,15 +41,17 @@ from specray.spec.step import forward_tree_nodes
 from specray.spec.types import AcceptResult, DraftTree
 
 
-def _score_items(states: dict, seqs, trees, results, due) -> tuple[list[str], list]:
-    """The sequences whose retrieval refresh falls on this commit, with their captured query rows."""
-    rids, items, offset = [], [], 0
-    for seq, tree, res in zip(seqs, trees, results, strict=True):
+def _score_items(seqs, trees, results, target_q, due) -> tuple[list[str], list, list | None]:
+    """The sequences whose retrieval refresh falls on this commit, with their captured query rows (and
+    the leader's copies of those queries)."""
+    rids, items, queries, offset = [], [], [], 0
+    for i, (seq, tree, res) in enumerate(zip(seqs, trees, results, strict=True)):
         if due(seq.request_id):
             rids.append(seq.request_id)
             items.append((list(seq.pages), seq.num_computed, offset + res.path[-1]))
+            queries.append(None if target_q is None else target_q[i])
         offset += tree.num_nodes
-    return rids, items
+    return rids, items, (queries if target_q is not None else None)
 
 
 class ColocatedDraftProposer(DraftModelProposer):
@@ -64,9 +66,10 @@ class ColocatedDraftProposer(DraftModelProposer):
             from specray.actors.shard import chunk_scores
 
             every = self.retrieval.refresh_every
-            rids, items = _score_items(self.states, seqs, trees, results,
-                                       lambda r: self.states[r].steps_since_refresh + 1 >= every)
-            self._scores = dict(zip(rids, chunk_scores(self.engine, items, self.retrieval.chunk_size), strict=True))
+            rids, items, qs = _score_items(seqs, trees, results, target_q,
+                                           lambda r: self.states[r].steps_since_refresh + 1 >= every)
+            scores = chunk_scores(self.engine, items, self.retrieval.chunk_size, qs)
+            self._scores = dict(zip(rids, scores, strict=True))
         super().commit(seqs, trees, results, [None] * len(seqs))
 
     def _chunk_scores(self, seq, q) -> torch.Tensor:
@@ -115,10 +118,9 @@ class RemoteDraftProposer:
             from specray.actors.shard import chunk_scores
 
             t0 = time.perf_counter()
-            rids, items = _score_items({}, seqs, trees, results, lambda r: self.refresh_due.get(r, False))
-            # numpy on the wire (pickles far faster than torch tensors)
-            scores = {r: c.numpy() for r, c in zip(rids, chunk_scores(self.engine, items, self.retrieval.chunk_size),
-                                                    strict=True)}
+            rids, items, qs = _score_items(seqs, trees, results, target_q, lambda r: self.refresh_due.get(r, False))
+            found = chunk_scores(self.engine, items, self.retrieval.chunk_size, qs)
+            scores = {r: c.numpy() for r, c in zip(rids, found, strict=True)}  # numpy: cheap to pickle
             self.timings["scores_s"] += time.perf_counter() - t0
         self.events.append(("commit", [s.request_id for s in seqs], [(r.path, r.bonus) for r in results], scores))
 

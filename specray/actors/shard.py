@@ -111,22 +111,25 @@ class PlanRunner(ModelRunner):
 
 
 @torch.inference_mode()
-def chunk_scores(engine: ShardEngine, items: list[ScoreItem], chunk_size: int) -> list[torch.Tensor]:
+def chunk_scores(engine: ShardEngine, items: list[ScoreItem], chunk_size: int,
+                 queries: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Cross-model Retrieval scores for each item: the target's last-layer attention probabilities of
     the captured query row over the sequence's keys, averaged over all heads (each rank sums its own
-    heads; one all-reduce adds the ranks), then averaged per `chunk_size`-token chunk. Returns
-    [n // chunk_size] fp32 CPU tensors."""
+    heads; one all-reduce adds the ranks), then averaged per `chunk_size`-token chunk. The leader may
+    pass the rows' queries (`[Hq/tp, D]` each, as the speculative decoder extracted them: with TP = 1
+    verification may replay a CUDA graph whose rows are padded). Returns [n // chunk_size] fp32 CPU
+    tensors."""
     if isinstance(engine.runner, PlanRunner):
         engine.runner._announce("scores", items, chunk_size)
     if not items:
         return []
     dev = engine.device
     layer = engine.arch.num_layers - 1
-    q_all = engine.backend.captured_q  # [rows, Hq/tp, D] queries of the last verification forward
+    q_all = getattr(engine.backend, "captured_q", None)  # [rows, Hq/tp, D] of the last verification forward
     sums = []
-    for pages, n, row in items:
+    for i, (pages, n, row) in enumerate(items):
         k, _ = gather_kv(engine.cache, layer, torch.tensor(pages, device=dev), n)  # [n, Hkv/tp, D]
-        q = q_all[row].float()  # [Hq/tp, D]
+        q = (q_all[row] if queries is None else queries[i]).float()  # [Hq/tp, D]
         k = k.float().repeat_interleave(q.shape[0] // k.shape[1], dim=1)  # [n, Hq/tp, D]
         scores = torch.einsum("hd,nhd->hn", q, k) * engine.arch.head_dim**-0.5
         sums.append(torch.softmax(scores, dim=-1).sum(dim=0))  # [n]
@@ -150,8 +153,11 @@ class ShardEngine(LLMEngine):
     def __init__(self, config: EngineConfig, world: W.World, checkpoint: Checkpoint | None = None):
         self.world = world
         self.decode_graphs = config.cuda_graphs
-        # tree-verification CUDA graphs are not replayed in lock-step across shards: verification is eager
-        cfg = dataclasses.replace(config, cuda_graphs=False)
+        cfg = config
+        if world.layout.tp_size > 1:
+            # tree-verification CUDA graphs are not replayed in lock-step across shards: with TP > 1
+            # verification is eager; decode graphs are captured (and replayed) by every shard together
+            cfg = dataclasses.replace(config, cuda_graphs=False)
         if world.rank != 0:
             cfg = dataclasses.replace(cfg, speculative_config=None, skip_tokenizer_init=True, overlap=False)
         super().__init__(cfg, checkpoint)
@@ -178,7 +184,9 @@ class ShardEngine(LLMEngine):
         return n
 
     def _build_runner(self, graph_sizes: tuple[int, ...]) -> ModelRunner:
-        if self.decode_graphs and self.device.type == "cuda" and isinstance(self.backend, TritonAttentionBackend):
+        tp = self.world.layout.tp_size
+        if tp > 1 and self.decode_graphs and self.device.type == "cuda" and isinstance(self.backend,
+                                                                                       TritonAttentionBackend):
             max_bs = self.config.scheduler.max_num_seqs
             graph_sizes = tuple(b for b in self.config.cuda_graph_batch_sizes if b <= max_bs)
         args = (self.model, self.cache, self.backend, self.sampler, self.max_model_len, graph_sizes)
