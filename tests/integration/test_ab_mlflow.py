@@ -269,3 +269,47 @@ def test_bench_serve_cli_poisson_load(ab):
     # Poisson arrivals at 6 req/s: sends are spread out, not simultaneous
     starts = sorted(r["start_s"] for r in rows)
     assert starts[-1] - starts[0] > 0.3
+
+
+def _pages_in_use(base: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for fam in text_string_to_metric_families(httpx.get(base + "/metrics", timeout=30).text):
+        for s in fam.samples:
+            if s.name == "specray:kv_cache_pages_in_use":
+                out[s.labels["arm"]] = s.value
+    return out
+
+
+def test_disconnect_through_the_ingress_frees_pages(ab):
+    base = ab["base"]
+    body = {"model": MODEL, "prompt": " ".join(f"w{5 + i % 200}" for i in range(100)), "max_tokens": 210,
+            "ignore_eos": True, "stream": True}
+    finished_before = _arm_counts_from_metrics(base)
+    with httpx.Client(timeout=120) as client:
+        with client.stream("POST", base + "/v1/completions", json=body, headers={"x-session-id": "leaver"}) as r:
+            arm = r.headers["x-specray-arm"]
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    break  # one chunk, then hang up mid-stream
+    deadline = time.monotonic() + 60
+    while _pages_in_use(base).get(arm) != 0.0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _pages_in_use(base)[arm] == 0.0
+    time.sleep(2.0)
+    # the request was aborted, not run to its 210 tokens: the arm never recorded it as finished
+    assert _arm_counts_from_metrics(base) == finished_before
+
+
+def test_runner_early_stop_hook(ab):
+    import asyncio
+
+    from specray.pipelines.bench import BenchConfig, run_requests
+    from specray.pipelines.datasets import build_dataset, load_tokenizer
+
+    samples = build_dataset("random", load_tokenizer(ab["tokenizer"]), 12, 32, seed=5)
+    cfg = BenchConfig(ab["base"], MODEL, num_prompts=12, request_rate=20.0, max_concurrency=2, output_len=3,
+                      num_sessions=6)
+    rows, _ = asyncio.run(run_requests(cfg, samples, should_stop=lambda done: len(done) >= 3))
+    assert 3 <= len(rows) < 12 and all(r.success for r in rows)
