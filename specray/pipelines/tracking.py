@@ -57,10 +57,12 @@ def arm_metrics(summary: dict[str, Any], assigned: int | None = None) -> dict[st
     """`bench.summarize` fields -> `/`-namespaced MLflow metrics (NaN/None dropped)."""
     m: dict[str, float | None] = {}
     for short, key in _SUMMARY_KEYS.items():
-        for stat in ("mean", "median", "std"):
-            m[f"{key}/{'p50' if stat == 'median' else stat}"] = summary.get(f"{stat}_{short}_ms")
+        for stat in ("mean", "std"):
+            m[f"{key}/{stat}"] = summary.get(f"{stat}_{short}_ms")
         for p in (50, 90, 99):
             m[f"{key}/p{p}"] = summary.get(f"p{p}_{short}_ms")
+        if m[f"{key}/p50"] is None:
+            m[f"{key}/p50"] = summary.get(f"median_{short}_ms")
     m.update({
         "throughput/output_tok_s": summary.get("output_throughput"),
         "throughput/total_tok_s": summary.get("total_token_throughput"),
