@@ -148,3 +148,19 @@ def test_merge_prometheus_is_valid_and_keeps_every_arm():
     assert merged.count("# TYPE specray:e2e_request_latency_seconds histogram") == 1
     counts = [s for s in fams["specray:e2e_request_latency_seconds"].samples if s.name.endswith("_count")]
     assert len(counts) == 2
+
+
+def test_builder_for_serve_run(tmp_path):
+    import yaml
+    from ray.serve import Application
+
+    from specray.platform.experiments import build_experiment_app
+
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    assert isinstance(build_experiment_app({"experiment": str(path)}), Application)  # `serve run` passes strings
+    assert isinstance(build_experiment_app(str(path)), Application)
+    with pytest.raises(ConfigError, match="args.experiment"):
+        build_experiment_app({"config": str(path)})
+    with pytest.raises(ConfigError, match=r"arms\[1\].weight"):
+        build_experiment_app({"experiment": {**BASE, "arms": [BASE["arms"][0], {**BASE["arms"][1], "weight": -1}]}})
