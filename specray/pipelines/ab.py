@@ -200,7 +200,8 @@ def add_ab_parser(sub: Any) -> None:
     r.add_argument("--arm-num-cpus", type=float, default=None, help="CPUs per arm replica (Ray logical)")
     r.add_argument("--arm-num-gpus", type=float, default=None,
                    help="GPUs per arm replica (0.5: two arms share one GPU; lower cache.gpu_memory_utilization)")
-    r.add_argument("--keep-serving", action="store_true", help="leave the deployments running afterwards")
+    r.add_argument("--keep-serving", action="store_true",
+                   help="leave the deployments running afterwards (on the cluster given by --address)")
     r.add_argument("--result-file", default=None, help="also write bench rows + decision JSON here")
     r.set_defaults(func=cmd_ab_run)
     p = asub.add_parser("report", help="print the decision of a logged A/B run")
