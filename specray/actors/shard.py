@@ -9,6 +9,7 @@ forward, a small host-side plan over `tp_cpu_group`:
     ("replay", (host inputs,), moves)                            decode through the CUDA graph
     ("tokens", (forward_tokens kwargs,), moves)                  tree verification (tree masks on host)
     ("scores", (items, chunk_size), moves)                       retrieval chunk scores
+    ("longspec", (op, ...), moves)                               a sharded LongSpec draft step (longspec_tp)
     ("stop",   (), moves)
 
 `moves` are the accepted-path K/V moves (`commit_kv`) the leader made since its last plan; a follower
@@ -55,10 +56,10 @@ def check_distributed_config(config: EngineConfig) -> None:
             f"speculative_config.draft_tensor_parallel_size must be 1 (got {spec.draft_tensor_parallel_size}): "
             "a separate draft runs on one device"
         )
-    if config.tensor_parallel_size > 1 and spec.method in ("sparse_self", "longspec"):
+    if config.tensor_parallel_size > 1 and spec.method == "sparse_self":
         raise ConfigError(
-            f"speculative_config.method {spec.method!r} reads the full KV cache and is not sharded yet; "
-            f"with tensor_parallel_size {config.tensor_parallel_size} use 'draft_model' or 'ngram'"
+            f"speculative_config.method {spec.method!r} selects pages over all KV heads and is not sharded yet; "
+            f"with tensor_parallel_size {config.tensor_parallel_size} use 'draft_model', 'longspec' or 'ngram'"
         )
 
 
@@ -161,6 +162,12 @@ class ShardEngine(LLMEngine):
         if world.rank != 0:
             cfg = dataclasses.replace(cfg, speculative_config=None, skip_tokenizer_init=True, overlap=False)
         super().__init__(cfg, checkpoint)
+        self.mirror = None  # a follower's copy of a sharded draft (LongSpec) that runs in the leader's plans
+        spec = config.speculative_config
+        if world.rank != 0 and spec is not None and spec.method == "longspec" and world.layout.tp_size > 1:
+            from specray.actors.longspec_tp import ShardedLongSpecProposer
+
+            self.mirror = ShardedLongSpecProposer(self, spec, window=spec.window)
 
     @property
     def is_leader(self) -> bool:
@@ -198,6 +205,10 @@ class ShardEngine(LLMEngine):
 
             cls = RemoteDraftProposer if cfg.draft_placement == "separate" else ColocatedDraftProposer
             return cls(self, cfg)
+        if cfg.method == "longspec" and self.world.layout.tp_size > 1:
+            from specray.actors.longspec_tp import ShardedLongSpecProposer
+
+            return ShardedLongSpecProposer(self, cfg, window=cfg.window)
         return super()._build_proposer(cfg)
 
     def stop_followers(self) -> None:
@@ -229,5 +240,7 @@ def follow(engine: ShardEngine) -> None:
             runner.forward_tokens(**kw)
         elif op == "scores":
             chunk_scores(engine, *args)
+        elif op == "longspec":
+            engine.mirror.apply(*args)
         else:
             raise RuntimeError(f"unknown step plan {op!r}")

@@ -130,7 +130,7 @@ def test_distributed_config_errors_name_the_field(data, match):
 @pytest.mark.parametrize("spec,tp,match", [
     ({"method": "ngram", "draft_placement": "separate"}, 1, "draft_placement 'separate' runs a 'draft_model'"),
     ({"method": "draft_model", "model": "x", "draft_tensor_parallel_size": 2}, 1, "draft_tensor_parallel_size"),
-    ({"method": "longspec"}, 2, "method 'longspec' reads the full KV cache"),
+    ({"method": "sparse_self"}, 2, "method 'sparse_self' selects pages over all KV heads"),
 ])
 def test_distributed_engine_rejects_unsupported_speculation(spec, tp, match):
     from specray.actors.shard import check_distributed_config
