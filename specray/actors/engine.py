@@ -84,10 +84,10 @@ class DistributedEngine:
         self._draft = draft_cls.options(**self._pg.actor_options(tp)).remote() if separate else None
         members = self._shards + ([self._draft] if self._draft is not None else [])
         try:
-            gpu_ids = ray.get([m.node_info.remote() for m in self._shards]) if use_gpu else None
-            visible = sorted({g for _, ids in gpu_ids for g in ids}, key=int) if use_gpu else None
-            setups = [s.setup_device.remote(use_gpu, visible, visible.index(gpu_ids[r][1][0]) if use_gpu else 0)
-                      for r, s in enumerate(self._shards)]
+            # GPU: every shard sees the engine's GPUs of its node (STRICT_PACK: one node), in rank order, and
+            # uses cuda:<rank>, so NCCL can use peer links between them
+            visible = [ids[0] for _, ids in ray.get([m.node_info.remote() for m in self._shards])] if use_gpu else None
+            setups = [s.setup_device.remote(use_gpu, visible, r) for r, s in enumerate(self._shards)]
             if self._draft is not None:
                 setups.append(self._draft.setup_device.remote(use_gpu))
             _gather(setups)
