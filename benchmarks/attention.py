@@ -151,9 +151,9 @@ def tree_setup(inp: PagedInputs, n: int, **kw):
 
 
 def part_tune(args, rows):
-    variants = [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st)
-                for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3)
-                if not (bm == 128 and bn == 128)]
+    variants = [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st, num_splits=sp)
+                for bm, bn, w in ((128, 32, 8), (64, 32, 4), (64, 64, 8), (128, 64, 8))
+                for st in (2, 3, 4) for sp in (None, 16, 32, 64)]
     for name, (hq, hkv, d) in SHAPES.items():
         ctx, b = 16384, 1
         nl = layers_for(kv_bytes(b, ctx, hkv, d))
@@ -180,7 +180,7 @@ def best_variant(rows, shape):
     if not cands:
         return {}
     best = min(cands, key=lambda r: r["us"])
-    return {k: best[k] for k in ("block_m", "block_n", "num_warps", "num_stages")}
+    return {k: best[k] for k in ("block_m", "block_n", "num_warps", "num_stages", "num_splits")}
 
 
 def part_verify(args, rows):
@@ -195,7 +195,8 @@ def part_verify(args, rows):
                 per_layer = kv_bytes(b, ctx, hkv, d)
                 nl = layers_for(per_layer)
                 inp = PagedInputs(b, ctx, hq, hkv, d, nl)
-                att, q, out, lse, mask = tree_setup(inp, n, **var)
+                var_b = dict(var, num_splits=var.get("num_splits") if b == 1 else None)  # tuned at batch 1
+                att, q, out, lse, mask = tree_setup(inp, n, **var_b)
                 scale = d**-0.5
                 t_ours = bench_graph(lambda i: att.run(q, inp.k[i], inp.v[i], scale, out=out, lse=lse), nl)
                 floor = per_layer / args.copy_bw
@@ -203,7 +204,7 @@ def part_verify(args, rows):
                 roof = max(floor, flops / args.mm_rate)
                 row = dict(part="verify", shape=name, batch=b, ctx=ctx, nodes=n, bytes=per_layer, flops=flops,
                            ours_us=t_ours * 1e6, bw_frac=floor / t_ours, roofline_frac=roof / t_ours,
-                           tflops=flops / t_ours / 1e12, splits=att.num_splits, **var)
+                           tflops=flops / t_ours / 1e12, **dict(var_b, num_splits=att.num_splits))
                 # baselines on the same inputs: contiguous K/V of prefix + tree nodes, one layer
                 dense_bytes = b * hq * (ctx + n) * d * 2 * 2
                 if dense_bytes < (20 << 30):
@@ -226,10 +227,13 @@ def part_verify(args, rows):
                         tm = mask
 
                         def mask_mod(bb, hh, qi, kv, tm=tm, ctx=ctx):
-                            return (kv < ctx) | tm[bb, qi, (kv - ctx).clamp(min=0, max=n - 1)]
+                            return (kv < ctx) | tm[bb, qi.clamp(max=n - 1), (kv - ctx).clamp(min=0, max=n - 1)]
                         try:
-                            bm = create_block_mask(mask_mod, b, None, n, ctx + n, device="cuda")
-                            t_flex = bench_graph(lambda i: flex(qd, kd, vd, block_mask=bm, scale=scale,
+                            n_pad = 128  # FlexAttention's kernels want a query length that fills a tile
+                            qp = torch.zeros(b, hq, n_pad, d, dtype=DT, device="cuda")
+                            qp[:, :, :n] = qd
+                            bm = create_block_mask(mask_mod, b, None, n_pad, ctx + n, device="cuda")
+                            t_flex = bench_graph(lambda i: flex(qp, kd, vd, block_mask=bm, scale=scale,
                                                                 enable_gqa=True), 1)
                             row["flex_us"] = t_flex * 1e6
                             row["speedup_vs_flex"] = t_flex / t_ours

@@ -41,7 +41,7 @@ def choose_num_splits(
     num_sms: int = 132,
     *,
     min_tokens_per_split: int = 128,
-    max_splits: int = 64,
+    max_splits: int = 128,
 ) -> int:
     """Number of KV splits so that the split kernel fills the GPU without tiny splits.
 

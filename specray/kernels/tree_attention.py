@@ -235,6 +235,21 @@ def _tree_merge_kernel(
     tl.store(lse_ptr + t_idx * stride_lt + head * stride_lh, lse, mask=row_mask)
 
 
+def default_tiles(num_kv_heads: int, rows: int) -> dict[str, int]:
+    """Launch shape measured best on an H100 (bf16, d 128, 69-node tree, 16K prefix; BENCHMARKS.md):
+    wide row tiles when there are many KV heads to spread over the SMs, narrower ones otherwise; small
+    row counts (plain decode, short chains) get a tile that is not mostly padding."""
+    if num_kv_heads >= 4:
+        tile = dict(block_m=128, block_n=32, num_warps=8, num_stages=3)
+    else:
+        tile = dict(block_m=64, block_n=64, num_warps=8, num_stages=2)
+    if rows <= 32:
+        tile = dict(block_m=max(16, 1 << (rows - 1).bit_length()), block_n=64, num_warps=4, num_stages=2)
+    elif rows <= 64:
+        tile = dict(block_m=64, block_n=64, num_warps=4, num_stages=2)
+    return tile
+
+
 def choose_tree_splits(rows_programs: int, max_prefix: int, num_sms: int = 132, block_n: int = 64,
                        max_splits: int = 32) -> int:
     """KV splits so that kernel 1 has about 2 programs per SM, never fewer than 4 blocks per split."""
@@ -253,14 +268,15 @@ class HybridTreeAttention:
         num_q_heads, num_kv_heads, head_dim: Hq (a multiple of Hkv), Hkv, D (a power of two, 16..256).
         max_prefix: the longest committed prefix expected (chooses the split count).
         device: where the workspace lives.
-        block_m, block_n: row tile (query tokens x GQA heads) and KV block (tokens).
+        block_m, block_n: row tile (query tokens x GQA heads) and KV block (tokens); None = `default_tiles`.
         num_splits: KV splits per (sequence, row tile, kv head); None = chosen from the sizes.
     """
 
     def __init__(
         self, max_tokens: int, max_batch: int, max_nodes: int, num_q_heads: int, num_kv_heads: int,
-        head_dim: int, max_prefix: int, device: torch.device | str, *, block_m: int = 64, block_n: int = 64,
-        num_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
+        head_dim: int, max_prefix: int, device: torch.device | str, *, block_m: int | None = None,
+        block_n: int | None = None, num_splits: int | None = None, num_warps: int | None = None,
+        num_stages: int | None = None,
     ):
         if num_q_heads % num_kv_heads:
             raise ValueError(f"num_q_heads={num_q_heads} is not a multiple of num_kv_heads={num_kv_heads}")
@@ -274,6 +290,11 @@ class HybridTreeAttention:
         self.hq, self.hkv, self.d = num_q_heads, num_kv_heads, head_dim
         self.group = num_q_heads // num_kv_heads
         self.max_tokens, self.max_batch, self.max_nodes = max_tokens, max_batch, max_nodes
+        tile = default_tiles(num_kv_heads, max_nodes * self.group)
+        block_m = block_m or tile["block_m"]
+        block_n = block_n or tile["block_n"]
+        num_warps = num_warps or tile["num_warps"]
+        num_stages = num_stages or tile["num_stages"]
         self.block_m, self.block_n = block_m, block_n
         self.m_tiles = -(-max_nodes * self.group // block_m)
         if num_splits is None:
