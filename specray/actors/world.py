@@ -68,14 +68,16 @@ def free_address() -> tuple[str, int]:
         return ip, s.getsockname()[1]
 
 
-def init_world(rank: int, layout: Layout, address: str, port: int, device: torch.device) -> World:
+def init_world(rank: int, layout: Layout, address: str, port: int, device: torch.device,
+               init_method: str | None = None) -> World:
     """Join the world (every rank calls this concurrently) and create the groups in the same order on
-    every rank, as torch.distributed requires."""
+    every rank, as torch.distributed requires. `init_method` (e.g. "file:///tmp/x") replaces the TCP
+    rendezvous at address:port."""
     if dist.is_initialized():
         dist.destroy_process_group()
     dist.init_process_group(
-        backend=layout.backend, init_method=f"tcp://{address}:{port}", world_size=layout.world_size, rank=rank,
-        timeout=_IDLE_TIMEOUT,
+        backend=layout.backend, init_method=init_method or f"tcp://{address}:{port}", world_size=layout.world_size,
+        rank=rank, timeout=_IDLE_TIMEOUT,
     )
     tp_ranks = list(range(layout.tp_size))
     world = World(rank=rank, layout=layout, device=device)

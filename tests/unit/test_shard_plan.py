@@ -52,12 +52,12 @@ def _record_trees(engine) -> list[list[list[int]]]:
     return log
 
 
-def _rank(rank: int, config: EngineConfig, port: int, prompts, out: str) -> None:
+def _rank(rank: int, config: EngineConfig, rendezvous: str, prompts, out: str) -> None:
     from specray.actors.shard import ShardEngine, follow
     from specray.actors.world import Layout, init_world
 
     torch.set_num_threads(1)
-    world = init_world(rank, Layout(2, False, "gloo"), "127.0.0.1", port, torch.device("cpu"))
+    world = init_world(rank, Layout(2, False, "gloo"), "", 0, torch.device("cpu"), init_method=rendezvous)
     engine = ShardEngine(config, world)
     if rank == 1:
         follow(engine)
@@ -73,8 +73,6 @@ def _rank(rank: int, config: EngineConfig, port: int, prompts, out: str) -> None
 
 @pytest.mark.parametrize("method", ["draft_model", "longspec"])
 def test_tp2_colocated_draft_follows_plans(tmp_path, method):
-    from specray.actors.world import free_address
-
     family = "qwen2" if method == "draft_model" else "llama"
     target = make_checkpoint(tmp_path / "t", family, vocab_size=128, tokenizer=False)
     draft = perturbed_copy(target, tmp_path / "d", scale=0.1, num_hidden_layers=1) if method == "draft_model" else None
@@ -85,7 +83,7 @@ def test_tp2_colocated_draft_follows_plans(tmp_path, method):
     single_trees = _record_trees(single)
     reference = [o.token_ids for o in single.generate(prompts, PARAMS)]
     out = tmp_path / "tp.pt"
-    mp.spawn(_rank, args=(config, free_address()[1], prompts, str(out)), nprocs=2, join=True)
+    mp.spawn(_rank, args=(config, f"file://{tmp_path}/rendezvous", prompts, str(out)), nprocs=2, join=True)
     got = torch.load(out)
     assert got["tokens"] == reference
     assert got["plans"] > 0 and got["pages"] == 0

@@ -78,14 +78,14 @@ def _forward(model, arch, tokens: list[int]) -> torch.Tensor:
     return torch.cat([pre, dec])
 
 
-def _tp_worker(rank: int, path: str, port: int, tokens: list[int], out: str) -> None:
+def _tp_worker(rank: int, path: str, rendezvous: str, tokens: list[int], out: str) -> None:
     import torch.distributed as dist
 
     from specray.models.loader import load_checkpoint
     from specray.models.tensor_parallel import TPContext, TPDecoderLM
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=rank)
+    dist.init_process_group("gloo", init_method=rendezvous, world_size=2, rank=rank)
     ck = load_checkpoint(path, load_tokenizer=False)
     arch = ModelArch.from_hf_config(ck.hf_config)
     model = TPDecoderLM.empty_shard(arch, TPContext(rank, 2, None), 64, torch.float32, torch.device("cpu"))
@@ -98,7 +98,6 @@ def _tp_worker(rank: int, path: str, port: int, tokens: list[int], out: str) -> 
 
 
 def test_tp_forward_matches_single_rank(ckpt, tmp_path):
-    from specray.actors.world import free_address
     from specray.models.decoder import DecoderLM
 
     arch = ModelArch.from_hf_config(ckpt.hf_config)
@@ -108,7 +107,7 @@ def test_tp_forward_matches_single_rank(ckpt, tmp_path):
     with torch.inference_mode():
         ref = _forward(model, arch, tokens)
     out = tmp_path / "tp.pt"
-    mp.spawn(_tp_worker, args=(ckpt.path, free_address()[1], tokens, str(out)), nprocs=2, join=True)
+    mp.spawn(_tp_worker, args=(ckpt.path, f"file://{tmp_path}/rendezvous", tokens, str(out)), nprocs=2, join=True)
     got = torch.load(out)
     assert got.shape == ref.shape == (len(tokens), VOCAB)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
