@@ -133,7 +133,14 @@ def run_ab(experiment_path: str, tracking_uri: str | None, address: str | None =
     if result_file:
         with open(result_file, "w") as f:
             json.dump({"bench": bench, "decision": decision}, f, indent=1)
-    run_id = log_ab_run(tracking_uri, exp, bench, decision, counts)
+    try:
+        run_id = log_ab_run(tracking_uri, exp, bench, decision, counts)
+    except ImportError as e:  # an inference node without MLflow: log from the result file elsewhere
+        if not result_file:
+            raise
+        print(f"[specray] MLflow is not importable here ({e}); results are in {result_file}: log them with "
+              f"`specray ab log {experiment_path} {result_file} --tracking-uri ...`", flush=True)
+        run_id = ""
     return run_id, decision
 
 
@@ -173,6 +180,26 @@ def cmd_ab_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ab_log(args: argparse.Namespace) -> int:
+    """Log a finished run's result file (`ab run --result-file`, e.g. from a GPU node without MLflow)."""
+    from specray.pipelines.tracking import log_ab_run
+    from specray.platform.experiments import load_experiment
+
+    try:
+        exp = load_experiment(args.experiment)
+        with open(args.result_file) as f:
+            res = json.load(f)
+        bench, decision = res["bench"], res["decision"]
+        counts = {k: int(v) for k, v in decision["counts"].items()}
+    except (ConfigError, OSError, KeyError, json.JSONDecodeError) as e:
+        print(f"specray: error: cannot log {args.result_file}: {e}", file=sys.stderr)
+        return 2
+    run_id = log_ab_run(_tracking_uri(args), exp, bench, decision, counts)
+    print(f"[specray] MLflow run id: {run_id}")
+    print(f"[specray] decision: {decision['verdict']}")
+    return 0
+
+
 def cmd_ab_report(args: argparse.Namespace) -> int:
     from specray.pipelines.tracking import format_report, read_report
 
@@ -204,6 +231,11 @@ def add_ab_parser(sub: Any) -> None:
                    help="leave the deployments running afterwards (on the cluster given by --address)")
     r.add_argument("--result-file", default=None, help="also write bench rows + decision JSON here")
     r.set_defaults(func=cmd_ab_run)
+    lg = asub.add_parser("log", help="log a finished run's --result-file to MLflow (run elsewhere)")
+    lg.add_argument("experiment", help="the experiment YAML the run used")
+    lg.add_argument("result_file")
+    lg.add_argument("--tracking-uri", default=None, help="MLflow server (default: $MLFLOW_TRACKING_URI)")
+    lg.set_defaults(func=cmd_ab_log)
     p = asub.add_parser("report", help="print the decision of a logged A/B run")
     p.add_argument("run_id")
     p.add_argument("--tracking-uri", default=None, help="MLflow server (default: $MLFLOW_TRACKING_URI)")

@@ -137,6 +137,11 @@ def test_tp2_separate_overlapped_draft_equals_single_rank(cluster, models, promp
         outs = engine.generate(prompts, PARAMS)
         assert [o.token_ids for o in outs] == reference
         _check_spec_run(engine, outs)
+        # A guess holds only when every sequence of the batch takes the draft's whole path, which a batch of
+        # three rarely does (and how requests batch depends on arrival timing): one sequence at a time makes
+        # the hit path deterministic with the close draft.
+        solo = [engine.generate([p], PARAMS)[0].token_ids for p in prompts]
+        assert solo == reference
         draft_stats = engine.stats()["draft"]
         assert draft_stats["guesses"] > draft_stats["guess_hits"] > 0
 
