@@ -34,9 +34,19 @@ _APP_ARGS = ("engine", "config", "served_model_name", "arm", "num_replicas", "ra
              "max_ongoing_requests", "name")
 
 
+def is_distributed(config: EngineConfig) -> bool:
+    """Tensor-parallel targets and separate draft actors run as a `specray.actors.DistributedEngine`."""
+    spec = config.speculative_config
+    return config.tensor_parallel_size > 1 or (spec is not None and spec.draft_placement == "separate")
+
+
 def engine_factory(config: EngineConfig) -> LLMEngine:
-    """Build the engine of one replica. Hook for issue 5: with `tensor_parallel_size > 1` this is
-    where a `specray.actors.DistributedEngine` (same methods as `LLMEngine`) will be returned."""
+    """Build the engine of one replica: in process, or a `DistributedEngine` (same methods) whose shard
+    and draft actors hold the GPUs of their own placement group."""
+    if is_distributed(config):
+        from specray.actors.engine import DistributedEngine
+
+        return DistributedEngine.from_config(config)
     from specray.engine.llm_engine import LLMEngine
 
     return LLMEngine(config)
@@ -54,7 +64,10 @@ def _cluster_has_gpu() -> bool:
 
 def deployment_options(config: EngineConfig) -> dict[str, Any]:
     """Replica resources from the engine's placement: `num_gpus=1` when the engine will run on CUDA
-    (device `cuda`, or `auto` on a cluster with GPUs), otherwise one CPU and no GPU."""
+    (device `cuda`, or `auto` on a cluster with GPUs), otherwise one CPU and no GPU. A distributed engine's
+    replica takes no GPU: its placement group's bundles hold them."""
+    if is_distributed(config):
+        return {"num_cpus": 1, "num_gpus": 0}
     use_gpu = config.device == "cuda" or (config.device == "auto" and _cluster_has_gpu())
     return {"num_cpus": 1, "num_gpus": 1 if use_gpu else 0}
 

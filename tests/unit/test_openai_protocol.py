@@ -147,6 +147,8 @@ def test_build_app_validates_args_and_engine_fields(tmp_path):
 
     assert deployment_options(EngineConfig(device="cpu")) == {"num_cpus": 1, "num_gpus": 0}
     assert deployment_options(EngineConfig(device="cuda")) == {"num_cpus": 1, "num_gpus": 1}
+    # a tensor-parallel engine's replica holds no GPU itself: its shard actors' placement group does
+    assert deployment_options(EngineConfig(device="cuda", tensor_parallel_size=2)) == {"num_cpus": 1, "num_gpus": 0}
 
 
 def test_fastapi_app_without_ray(serving):
