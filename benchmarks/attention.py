@@ -281,6 +281,39 @@ def part_decode(args, rows):
                 torch.cuda.empty_cache()
 
 
+def part_decode_tune(args, rows):
+    """Batch-1 decode launch-shape sweep at long contexts: block_n x warps x stages x splits."""
+    for name, (hq, hkv, d) in SHAPES.items():
+        for ctx in (32768, 131072):
+            per_layer = kv_bytes(1, ctx, hkv, d)
+            nl = layers_for(per_layer)
+            inp = PagedInputs(1, ctx, hq, hkv, d, nl, extra=0)
+            q = torch.randn(1, hq, d, dtype=DT, device="cuda")
+            lens = torch.full((1,), ctx, dtype=torch.int32, device="cuda")
+            base = choose_num_splits(1, hkv, ctx)
+            best = None
+            for bn in (32, 64, 128):
+                for w in (4, 8):
+                    for st in (2, 3, 4):
+                        for sp in sorted({base, min(2 * base, 128), max(base // 2, 1)}):
+                            dec = PagedDecodeAttention(1, hq, hkv, d, sp, "cuda", block_n=bn, num_warps=w,
+                                                       num_stages=st)
+                            try:
+                                t = bench_graph(lambda i: dec.run(q, inp.k[i], inp.v[i], inp.tables, lens,
+                                                                  d**-0.5), nl)
+                            except Exception as e:  # noqa: BLE001
+                                print(f"  decode_tune {name} {ctx} bn={bn} w={w} st={st} sp={sp}: {e!s:.80}")
+                                continue
+                            r = dict(part="decode_tune", shape=name, ctx=ctx, block_n=bn, num_warps=w, num_stages=st,
+                                     splits=sp, us=t * 1e6, bw_frac=per_layer / args.copy_bw / t)
+                            rows.append(r)
+                            if best is None or t < best["us"] / 1e6:
+                                best = r
+            print(f"decode_tune {name} ctx={ctx}: best {best}")
+            inp = None
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", nargs="+", default=["copy", "tune", "verify", "decode", "sparse", "chunk"])
@@ -294,7 +327,7 @@ def main() -> None:
     args.copy_bw = copy_bandwidth()
     args.mm_rate = matmul_rate()
     print(f"copy bandwidth {args.copy_bw / 1e9:.0f} GB/s, bf16 matmul {args.mm_rate / 1e12:.0f} TFLOP/s")
-    parts = {"tune": part_tune, "verify": part_verify, "decode": part_decode}
+    parts = {"tune": part_tune, "verify": part_verify, "decode": part_decode, "decode_tune": part_decode_tune}
     try:
         from benchmarks.attention_sparse import part_chunk, part_sparse  # noqa: PLC0415
 

@@ -340,7 +340,7 @@ class PagedDecodeAttention:
         *,
         block_n: int | None = None,
         num_warps: int = 4,
-        num_stages: int = 3,
+        num_stages: int = 2,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -354,9 +354,9 @@ class PagedDecodeAttention:
             raise ValueError(f"num_splits must be >= 1, got {num_splits}")
         block_d = triton.next_power_of_2(head_dim)
         if block_n is None:
-            # Measured on H100 (bf16): 32-token blocks at d=128/256 keep more programs resident per SM
-            # and avoid wave-quantisation dips; at d=64 the 64-token block is ~15% faster.
-            block_n = 64 if head_dim <= 64 else 32
+            # Measured on H100 (bf16, batch 1, 32K-128K, BENCHMARKS.md): 64-token blocks with 2 stages beat
+            # 32-token blocks with 3 by 4-10% at d=128 (up to 256 keeps 32); at d=64 64 was already best.
+            block_n = 64 if head_dim <= 128 else 32
         if block_n < 16 or block_n & (block_n - 1):
             raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
 
