@@ -273,11 +273,13 @@ class TritonAttentionBackend:
         """Ragged tree steps (eager): one Hybrid Tree Attention launch for the whole batch. The step's
         tree index tensors are built once per step (at layer 0) and reused by every layer."""
         if layer == 0 or self._tree_step is not meta:
-            self._plan_ragged(q, meta)
-        out, _ = self._tree_kernel.run(q, self.cache.k[layer], self.cache.v[layer], scale)
+            self.plan_ragged_tree(meta)
+        out, _ = self.tree_kernel.run(q, self.cache.k[layer], self.cache.v[layer], scale)
         return out
 
-    def _plan_ragged(self, q: torch.Tensor, meta: AttentionMetadata) -> None:
+    def plan_ragged_tree(self, meta: AttentionMetadata) -> None:
+        """Build the step's tree index tensors (prefix lengths, node slots, masks) once and plan the
+        Hybrid Tree Attention kernel with them; `tree_kernel` then serves every layer of the step."""
         ps = self.cache.spec.page_size
         qsl = meta.query_start_loc_cpu
         b = len(meta.seq_lens_cpu)
@@ -294,11 +296,11 @@ class TritonAttentionBackend:
             pos = torch.arange(prefix[s], meta.seq_lens_cpu[s])
             slots[s, : ms[s]] = tables[s].long()[pos // ps] * ps + pos % ps
             mask[s, : n_qs[s], : ms[s]] = meta.trees[s].mask.cpu()
-        dev = q.device
+        dev = meta.page_tables.device
         kern = self.tree_kernel_for(cap_b, cap_n)
         kern.plan(meta.query_start_loc, torch.tensor(prefix, dtype=torch.int32, device=dev), meta.page_tables,
                   slots.to(dev), mask.to(dev), torch.tensor(ms, dtype=torch.int32, device=dev))
-        self._tree_kernel, self._tree_step = kern, meta
+        self.tree_kernel, self._tree_step = kern, meta
 
     def _hybrid_tree_batched(self, layer: int, q: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """The same Hybrid Tree Attention over a static [B, N] batch: no host syncs (CUDA-graph safe)."""

@@ -343,6 +343,42 @@ class HybridTreeAttention:
                 tree_lens = qo_indptr[1:] - qo_indptr[:-1]
         self._plan = (qo_indptr, prefix_lens, page_tables, tree_lens, tree_slots, tree_mask)
 
+    def merge_with_prefix(
+        self,
+        q: torch.Tensor,  # [T, Hq, D]
+        k_cache: torch.Tensor,  # [num_pages, page_size, Hkv, D]
+        v_cache: torch.Tensor,
+        o_prefix: torch.Tensor,  # [T, Hq, D] attention over a prefix computed elsewhere (e.g. sparse pages)
+        lse_prefix: torch.Tensor,  # [T, Hq] fp32 its natural-log LSE (-inf: empty)
+        scale: float,
+    ) -> torch.Tensor:  # [T, Hq, D]
+        """Only kernel 2: the planned tree part merged with a given prefix result, one launch per layer."""
+        if self._plan is None or self._plan[4] is None:
+            raise RuntimeError("call plan() with tree_slots and tree_mask before merge_with_prefix()")
+        qo_indptr, prefix_lens, _, tree_lens, tree_slots, tree_mask = self._plan
+        t = q.shape[0]
+        if o_prefix.shape != q.shape or lse_prefix.shape != q.shape[:2] or lse_prefix.dtype != torch.float32:
+            raise ValueError(f"o_prefix must be {tuple(q.shape)} and lse_prefix {tuple(q.shape[:2])} fp32")
+        out = torch.empty_like(q)
+        lse = torch.empty(t, self.hq, dtype=torch.float32, device=q.device)
+        b = prefix_lens.shape[0]
+        n_pad = max(16, triton.next_power_of_2(tree_slots.shape[1]))
+        _tree_merge_kernel[(b * self.m_tiles, self.hkv)](
+            q, k_cache, v_cache, qo_indptr, tree_lens, tree_slots, tree_mask,
+            o_prefix, lse_prefix, out, lse, scale,
+            q.stride(0), q.stride(1),
+            k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
+            tree_slots.stride(0), tree_mask.stride(0), tree_mask.stride(1),
+            o_prefix.stride(0), o_prefix.stride(1), 0,
+            lse_prefix.stride(0), lse_prefix.stride(1), 0,
+            out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+            GROUP=self.group, M_TILES=self.m_tiles, BLOCK_M=self.block_m, BLOCK_D=self.d,
+            NUM_SPLITS=1, HAS_TREE=True, N_PAD=n_pad,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=q.device.type != "cuda",
+            num_warps=self.num_warps,
+        )
+        return out
+
     def run(
         self,
         q: torch.Tensor,  # [T, Hq, D]

@@ -6,9 +6,10 @@ std [L, pages, Hkv], kept current for every complete page of every running seque
   * to the row's committed prefix through the kernel: per KV head the top pages by
     `max_g q.mean + std_weight * |q| * std` under `budget_tokens`, the sink and recent pages, and the
     partial last page (output + LSE), and
-  * to the tree nodes drafted so far (ancestor-or-self mask), dense in torch;
-the two partitions are merged exactly by their LSEs (`lse_merge`). The torch reference of the same
-selection is `specray.spec.sparse_self.SparsePageBackend`.
+  * to the tree nodes drafted so far (ancestor-or-self mask);
+the two partitions are merged exactly by their LSEs, in one launch of the Hybrid Tree Attention merge kernel
+(`HybridTreeAttention.merge_with_prefix`), with the tree index tensors planned once per step. The torch
+reference of the same selection is `specray.spec.sparse_self.SparsePageBackend`.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ from __future__ import annotations
 import torch
 
 from specray.config import SparseConfig
-from specray.engine.attention import AttentionMetadata, hybrid_tree_attention, write_kv
+from specray.engine.attention import AttentionMetadata, TritonAttentionBackend, write_kv
 from specray.engine.kv_cache import KVCache
 from specray.engine.sequence import Sequence
 from specray.kernels.sparse_pages import PageStats, SparsePageAttention
 
 
 class TritonSparsePageBackend:
-    def __init__(self, cache: KVCache, cfg: SparseConfig, num_q_heads: int, max_rows: int, max_model_len: int):
+    def __init__(self, cache: KVCache, cfg: SparseConfig, num_q_heads: int, max_rows: int, max_model_len: int,
+                 tree_backend: TritonAttentionBackend):
         spec = cache.spec
         self.cache, self.cfg = cache, cfg
         dev = cache.k[0].device
@@ -35,6 +37,7 @@ class TritonSparsePageBackend:
             recent_pages=cfg.recent_pages,
         )
         self.max_rows = max_rows
+        self.tree_backend = tree_backend  # plans the step's tree part (slots, mask) once; its kernel merges
         self._done: dict[str, list[int]] = {}  # request -> pages whose statistics are current
         self._step: AttentionMetadata | None = None
 
@@ -69,6 +72,7 @@ class TritonSparsePageBackend:
         self._tables = meta.page_tables[idx, :width].contiguous()  # [R, P]
         self._prefix = torch.tensor(prefix, dtype=torch.int32, device=dev)
         self.attn.plan(self._tables, self._prefix)
+        self.tree_backend.plan_ragged_tree(meta)
         self._step = meta
 
     def forward(self, layer, q, k, v, meta: AttentionMetadata, scale, sliding_window):
@@ -79,16 +83,5 @@ class TritonSparsePageBackend:
             self._plan(meta)
         kc, vc = self.cache.k[layer], self.cache.v[layer]
         o_p, lse_p = self.attn.run(q, kc, vc, self.stats.layer(layer), scale)  # [R, Hq, D], [R, Hq]
-        out = torch.empty_like(q)
-        ps = self.cache.spec.page_size
-        qsl = meta.query_start_loc_cpu
-        for s, seq_len in enumerate(meta.seq_lens_cpu):
-            a, b = qsl[s], qsl[s + 1]
-            tree = meta.trees[s]
-            m = tree.key_positions.shape[0]
-            pos = torch.arange(seq_len - m, seq_len, device=q.device)
-            slots = meta.page_tables[s].long()[pos // ps] * ps + pos % ps
-            k_t = kc.view(-1, *kc.shape[2:])[slots]  # [M, Hkv, D]
-            v_t = vc.view(-1, *vc.shape[2:])[slots]
-            out[a:b] = hybrid_tree_attention(q[a:b], o_p[a:b], lse_p[a:b], k_t, v_t, tree.mask.to(q.device), scale)
-        return out
+        # tree part (ancestor-or-self among the drafted nodes) + exact LSE merge: one Triton launch
+        return self.tree_backend.tree_kernel.merge_with_prefix(q, kc, vc, o_p, lse_p, scale)

@@ -106,7 +106,7 @@ class SparseSelfProposer:
 
             rows = max(cfg.tree.num_nodes, cfg.tree.max_build_nodes)
             self.backend = TritonSparsePageBackend(engine.cache, cfg.sparse, engine.arch.num_heads, rows,
-                                                   engine.max_model_len)
+                                                   engine.max_model_len, engine.backend)
         self.runner = ModelRunner(engine.model, engine.cache, self.backend, engine.sampler, engine.max_model_len)
 
     @torch.inference_mode()
