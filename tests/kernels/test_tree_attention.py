@@ -137,15 +137,17 @@ def test_tree_drafting_queries_subset_of_keys():
     check(out, lse, ref_out, ref_lse, torch.float32)
 
 
-def test_merge_with_prefix_equals_full_reference():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_with_prefix_equals_full_reference(dtype):
     """The tree part merged with a prefix result computed elsewhere (here: the reference's prefix-only
     attention, as the sparse-page kernel would give) equals attention over prefix and tree together."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    c = make_case([37, 90], [5, 3], 5, 8, 2, 64, 16, torch.float32, device, seed=11)
+    c = make_case([37, 90], [5, 3], 5, 8, 2, 64, 16, dtype, device, seed=11)
     no_tree = dict(c, tree_slots=None, tree_mask=None)
     o_p, lse_p = tree_attention_reference(scale=0.125, **no_tree)
     att = HybridTreeAttention(8, 2, 5, 8, 2, 64, 90, device, num_splits=1)
     att.plan(c["qo_indptr"], c["prefix_lens"], c["page_tables"], c["tree_slots"], c["tree_mask"])
     out = att.merge_with_prefix(c["q"], c["k_cache"], c["v_cache"], o_p.to(c["q"].dtype), lse_p, 0.125)
     ref_out, _ = tree_attention_reference(scale=0.125, **c)
-    assert (out.float() - ref_out).abs().max() / ref_out.abs().max() <= 1e-3
+    assert out.dtype == dtype
+    assert (out.float() - ref_out).abs().max() / ref_out.abs().max() <= TOL[dtype]
