@@ -174,42 +174,6 @@ class TorchAttentionBackend:
         return out
 
 
-def hybrid_tree_attention(
-    q: torch.Tensor,  # [n, Hq, D] one sequence's tree queries
-    out_prefix: torch.Tensor,  # [n, Hq, D] attention over the committed prefix (no mask)
-    lse_prefix: torch.Tensor,  # [n, Hq] fp32 natural-log LSE of that part (-inf: empty prefix)
-    k_tree: torch.Tensor,  # [M, Hkv, D] the tree nodes' keys
-    v_tree: torch.Tensor,  # [M, Hkv, D]
-    mask: torch.Tensor,  # [n, M] bool ancestor-or-self
-    scale: float,
-) -> torch.Tensor:  # [n, Hq, D]
-    """LongSpec's Hybrid Tree Attention merge: tree-masked attention among the nodes, combined with the
-    prefix part by exact log-sum-exp weighting."""
-    n, hq, d = q.shape
-    group = hq // k_tree.shape[1]
-    kt = k_tree.float().repeat_interleave(group, dim=1)  # [M, Hq, D]
-    vt = v_tree.float().repeat_interleave(group, dim=1)
-    scores = torch.einsum("nhd,mhd->hnm", q.float(), kt) * scale
-    scores = scores.masked_fill(~mask[None], float("-inf"))  # [Hq, n, M]
-    lse_tree = torch.logsumexp(scores, dim=-1)  # [Hq, n]; every node sees itself, so finite
-    out_tree = torch.einsum("hnm,mhd->nhd", torch.exp(scores - lse_tree[..., None]), vt)
-    return lse_merge(out_prefix, lse_prefix, out_tree, lse_tree.t(), q.dtype)
-
-
-def lse_merge(
-    out_a: torch.Tensor,  # [R, Hq, D] attention over key set A
-    lse_a: torch.Tensor,  # [R, Hq] its natural-log LSE (-inf: A empty)
-    out_b: torch.Tensor,  # [R, Hq, D] attention over the disjoint key set B
-    lse_b: torch.Tensor,  # [R, Hq] (finite)
-    dtype: torch.dtype,
-) -> torch.Tensor:  # [R, Hq, D]: attention over A and B together
-    """Exact merge of two softmax partitions by their log-sum-exps."""
-    top = torch.maximum(lse_a, lse_b)
-    w_a = torch.exp(lse_a - top)[..., None]  # 0 for an empty A
-    w_b = torch.exp(lse_b - top)[..., None]
-    return ((out_a.float() * w_a + out_b.float() * w_b) / (w_a + w_b)).to(dtype)
-
-
 def gather_kv_batch(cache: KVCache, layer: int, page_rows: torch.Tensor, seq_len: int):
     """page_rows [G, P] -> keys, values [G, seq_len, Hkv, D] of G sequences of equal length."""
     ps = cache.spec.page_size
