@@ -287,17 +287,9 @@ class DistributedEngine:
         self, prompts: Iterable[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
     ) -> list[RequestOutput]:
         """Run prompts to completion; outputs in prompt order."""
-        prompts = list(prompts)
-        plist = params if isinstance(params, list) else [params] * len(prompts)
-        ids = [f"gen-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
-        for rid, p, sp in zip(ids, prompts, plist, strict=True):
-            self.add_request(rid, p, sp)
-        final: dict[str, RequestOutput] = {}
-        while len(final) < len(ids):
-            for out in self.step():
-                if out.finished:
-                    final[out.request_id] = out
-        return [final[r] for r in ids]
+        from specray.engine.llm_engine import generate_all
+
+        return generate_all(self, prompts, params)
 
     def stats(self) -> dict[str, Any]:
         """Leader timings (plan broadcasts, draft exchange, spec phases) and draft-actor counters."""

@@ -292,19 +292,7 @@ class LLMEngine:
         self, prompts: Iterable[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
     ) -> list[RequestOutput]:
         """Run prompts to completion (offline batch); outputs in prompt order."""
-        prompts = list(prompts)
-        plist = params if isinstance(params, list) else [params] * len(prompts)
-        ids = [f"gen-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
-        for rid, p, sp in zip(ids, prompts, plist, strict=True):
-            self.add_request(rid, p, sp)
-        final: dict[str, RequestOutput] = {}
-        while len(final) < len(ids):
-            for out in self.step():
-                if out.finished:
-                    final[out.request_id] = out
-            if not self.has_unfinished_requests() and len(final) < len(ids):
-                raise RuntimeError("engine stopped with unfinished requests")
-        return [final[r] for r in ids]
+        return generate_all(self, prompts, params)
 
     def score(self, token_ids: list[int]) -> torch.Tensor:
         """[n-1] fp32 log-probabilities log p(t_i | t_<i) of a token sequence (for perplexity),
@@ -336,3 +324,23 @@ class LLMEngine:
 
     def running_request_ids(self) -> list[str]:
         return [s.request_id for s in self.seqs.values() if s.status is SequenceStatus.RUNNING]
+
+
+def generate_all(
+    engine, prompts: Iterable[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
+) -> list[RequestOutput]:
+    """Add every prompt to `engine` (an `LLMEngine` or a `DistributedEngine`: add_request / step /
+    has_unfinished_requests) and step until each has finished; outputs in prompt order."""
+    prompts = list(prompts)
+    plist = params if isinstance(params, list) else [params] * len(prompts)
+    ids = [f"gen-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+    for rid, p, sp in zip(ids, prompts, plist, strict=True):
+        engine.add_request(rid, p, sp)
+    final: dict[str, RequestOutput] = {}
+    while len(final) < len(ids):
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+        if not engine.has_unfinished_requests() and len(final) < len(ids):
+            raise RuntimeError("engine stopped with unfinished requests")
+    return [final[r] for r in ids]
