@@ -40,47 +40,12 @@ import torch
 import triton
 import triton.language as tl
 
+from specray.kernels.paged_decode import _attend_block  # the paged online-softmax block, shared with decode
+
 __all__ = ["HybridTreeAttention"]
 
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@triton.jit
-def _prefix_block(
-    blk, q, m_i, l_i, acc, page_row, k_head, v_head, prefix_len, max_pages, qk_scale_log2,
-    stride_kp, stride_kt, stride_vp, stride_vt,
-    BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-):
-    """Online-softmax update of a [BLOCK_M] row tile with prefix keys blk*BLOCK_N .. +BLOCK_N-1."""
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    tok = blk * BLOCK_N + offs_n  # [BLOCK_N] key positions
-    tok_mask = tok < prefix_len
-    col = tok // PAGE_SIZE
-    page = tl.load(page_row + col, mask=tok_mask & (col < max_pages), other=0).to(tl.int64)
-    in_page = tok % PAGE_SIZE
-    k = tl.load(k_head + page[:, None] * stride_kp + in_page[:, None] * stride_kt + offs_d[None, :],
-                mask=tok_mask[:, None], other=0.0)  # [BLOCK_N, D]
-    v = tl.load(v_head + page[:, None] * stride_vp + in_page[:, None] * stride_vt + offs_d[None, :],
-                mask=tok_mask[:, None], other=0.0)  # [BLOCK_N, D]
-    if INTERPRET:  # the CPU interpreter multiplies bf16 bit patterns as integers in tl.dot: upcast
-        q = q.to(tl.float32)
-        k = k.to(tl.float32)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2  # [BLOCK_M, BLOCK_N]
-    s = tl.where(tok_mask[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    p_in = p.to(v.dtype)
-    if INTERPRET:
-        p_in = p_in.to(tl.float32)
-        v = v.to(tl.float32)
-    acc = acc * alpha[:, None] + tl.dot(p_in, v, input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
 
 
 @triton.jit
@@ -122,6 +87,7 @@ def _tree_prefix_split_kernel(
     lo = split * per_split
     hi = tl.minimum(lo + per_split, n_blocks)
 
+    kv_start = prefix_len * 0  # the prefix is attended without a window
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -131,15 +97,17 @@ def _tree_prefix_split_kernel(
     if INTERPRET:  # the interpreter cannot take tensor bounds in range()
         blk = lo
         while blk < hi:
-            m_i, l_i, acc = _prefix_block(
-                blk, q, m_i, l_i, acc, page_row, k_head, v_head, prefix_len, max_pages, qk_scale_log2,
-                stride_kp, stride_kt, stride_vp, stride_vt, BLOCK_D, PAGE_SIZE, BLOCK_N, DOT_PRECISION, INTERPRET)
+            m_i, l_i, acc = _attend_block(
+                blk, q, m_i, l_i, acc, page_row, k_head, v_head, prefix_len, kv_start, max_pages, qk_scale_log2,
+                stride_kp, stride_kt, stride_vp, stride_vt, BLOCK_D, BLOCK_D, PAGE_SIZE, BLOCK_N, DOT_PRECISION,
+                INTERPRET)
             blk += 1
     else:
         for blk in range(lo, hi):
-            m_i, l_i, acc = _prefix_block(
-                blk, q, m_i, l_i, acc, page_row, k_head, v_head, prefix_len, max_pages, qk_scale_log2,
-                stride_kp, stride_kt, stride_vp, stride_vt, BLOCK_D, PAGE_SIZE, BLOCK_N, DOT_PRECISION, INTERPRET)
+            m_i, l_i, acc = _attend_block(
+                blk, q, m_i, l_i, acc, page_row, k_head, v_head, prefix_len, kv_start, max_pages, qk_scale_log2,
+                stride_kp, stride_kt, stride_vp, stride_vt, BLOCK_D, BLOCK_D, PAGE_SIZE, BLOCK_N, DOT_PRECISION,
+                INTERPRET)
 
     nonempty = l_i > 0.0
     safe_l = tl.where(nonempty, l_i, 1.0)
