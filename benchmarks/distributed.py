@@ -14,8 +14,8 @@ Sections (each writes `<out>/<section>.json`):
                draft without overlap, separate with overlap, colocated; decode tokens/s at --pair-context
                (16K), code-completion prompt, all in one run. Needs --target/--draft (and --tokenizer).
 
-Needs 2 GPUs for TP=2 and a third for a separate draft: on 4 H200s run everything; on 2 GPUs run
-`--sections latency overhead` (the equality and pair sections place TP=2 plus a draft GPU). Ray must be
+Needs 2 GPUs for TP=2 and a third for a separate draft. With only 2 GPUs the TP=2 sections put the separate
+draft on the second shard's GPU (`draft_gpu_fraction` 0.5, recorded as `draft_gpu_fraction` in the rows). Ray must be
 importable (the GPU machine's Ray comes from a carried wheelhouse); a local Ray cluster is started unless
 --ray-address is given. The exact command (4x H200):
 
@@ -102,12 +102,15 @@ def engine_config(model: str, max_len: int, tp: int, spec=None, dtype: str = "bf
     )
 
 
-def draft_spec(draft: str, placement: str):
+def draft_spec(draft: str, placement: str, tp: int = 1):
+    """A draft_model chain of 4 with retrieval. A separate draft gets its own GPU when the host has
+    tp + 1 of them, else it shares the last shard's (`draft_gpu_fraction` 0.5)."""
     from specray.config import RetrievalConfig, SpeculativeConfig, TreeConfig
 
+    own_gpu = placement != "separate" or torch.cuda.device_count() >= tp + 1
     return SpeculativeConfig(method="draft_model", model=draft, tree=TreeConfig(kind="chain", length=4),
                              retrieval=RetrievalConfig(chunk_size=32, top_k_chunks=32, refresh_every=4),
-                             draft_placement=placement)
+                             draft_placement=placement, draft_gpu_fraction=1.0 if own_gpu else 0.5)
 
 
 def start_distributed(cfg, ray_address: str | None):
@@ -210,7 +213,8 @@ def main() -> None:
     ap.add_argument("--sections", nargs="+", default=["equality", "latency", "overhead", "pair"],
                     choices=["equality", "latency", "overhead", "pair"])
     ap.add_argument("--ray-address", default=None)
-    ap.add_argument("--dtype", default="bfloat16", help="dtype of the equality section")
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
+                    help="dtypes of the equality section (float32: exact; bf16 reductions can flip near-ties)")
     ap.add_argument("--equality-context", type=int, default=4096)
     ap.add_argument("--latency-context", type=int, default=32768)
     ap.add_argument("--pair-context", type=int, default=16384)
@@ -239,14 +243,17 @@ def main() -> None:
         target, draft = str(target), str(draft)
     if "equality" in args.sections:
         prompt = torch.randint(0, 128000, (args.equality_context,), generator=g).tolist()
-        tp1 = run_distributed(engine_config(target, max_len, 1, dtype=args.dtype), prompt, args.tokens,
-                              args.ray_address, warm)
-        tp2 = run_distributed(engine_config(target, max_len, 2, draft_spec(draft, "separate"), dtype=args.dtype),
-                              prompt, args.tokens, args.ray_address, warm)
-        same = first_divergence(tp1["tokens"], tp2["tokens"])
-        dump("equality", {"context": args.equality_context, "dtype": args.dtype, "tokens": args.tokens,
-                          "identical": tp1["tokens"] == tp2["tokens"], "tokens_equal_prefix": same,
-                          "tp1_ar": tp1, "tp2_separate_draft": tp2})
+        for dtype in args.dtypes:
+            spec = draft_spec(draft, "separate", tp=2)
+            tp1 = run_distributed(engine_config(target, max_len, 1, dtype=dtype), prompt, args.tokens,
+                                  args.ray_address, warm)
+            tp2 = run_distributed(engine_config(target, max_len, 2, spec, dtype=dtype), prompt, args.tokens,
+                                  args.ray_address, warm)
+            same = first_divergence(tp1["tokens"], tp2["tokens"])
+            dump(f"equality-{dtype}", {
+                "context": args.equality_context, "dtype": dtype, "tokens": args.tokens,
+                "draft_gpu_fraction": spec.draft_gpu_fraction, "identical": tp1["tokens"] == tp2["tokens"],
+                "tokens_equal_prefix": same, "tp1_ar": tp1, "tp2_separate_draft": tp2})
     if "latency" in args.sections:
         prompt = torch.randint(0, 128000, (args.latency_context,), generator=g).tolist()
         rows = {f"tp{tp}": run_distributed(engine_config(target, max_len, tp), prompt, args.tokens,
@@ -283,10 +290,12 @@ def main() -> None:
         rows = {}
         for name, placement, overlap in (("separate", "separate", False), ("separate_overlap", "separate", True),
                                          ("colocated", "colocated", False)):
-            cfg = engine_config(args.target, plen, 2, draft_spec(args.draft, placement), overlap=overlap, **base)
+            spec = draft_spec(args.draft, placement, tp=2)
+            cfg = engine_config(args.target, plen, 2, spec, overlap=overlap, **base)
             rows[name] = run_distributed(cfg, prompt.token_ids, args.tokens, args.ray_address, warm[:64])
         ref = rows["colocated"]["tokens"]
         dump("pair", {"context": args.pair_context, "tokens": args.tokens, "source": prompt.source,
+                      "separate_draft_gpu_fraction": draft_spec(args.draft, "separate", tp=2).draft_gpu_fraction,
                       "tok_s": {k: v["decode_tok_s"] for k, v in rows.items()},
                       "identical_to_colocated": {k: v["tokens"] == ref for k, v in rows.items()},
                       **{k: {kk: vv for kk, vv in v.items() if kk != "tokens"} for k, v in rows.items()}})

@@ -172,12 +172,19 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4  # ngram
     draft_placement: Literal["colocated", "separate"] = "colocated"
     draft_tensor_parallel_size: int = 1
+    # separate draft on GPUs: the share of a GPU its actor reserves; < 1 puts it on the last target shard's
+    # GPU (that shard's bundle takes the rest), e.g. 0.5 for TP=2 plus a draft on a 2-GPU host
+    draft_gpu_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         _check_choice(
             "speculative_config.method", self.method, ("none", "ngram", "draft_model", "sparse_self", "longspec")
         )
         _check_choice("speculative_config.draft_placement", self.draft_placement, ("colocated", "separate"))
+        if not 0.0 < self.draft_gpu_fraction <= 1.0:
+            raise ConfigError(
+                f"speculative_config.draft_gpu_fraction must be in (0, 1], got {self.draft_gpu_fraction}"
+            )
         if self.num_speculative_tokens is not None:
             if self.num_speculative_tokens < 1:
                 raise ConfigError(

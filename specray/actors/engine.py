@@ -76,7 +76,9 @@ class DistributedEngine:
         self._error: str | None = None
         self._stopping = False
         self._outq: queue.Queue = queue.Queue()
-        self._pg = placement.engine_placement_group(tp, separate, use_gpu)
+        self._pg = placement.engine_placement_group(
+            tp, separate, use_gpu, draft_gpu_fraction=spec.draft_gpu_fraction if separate else 1.0
+        )
         from specray.actors.actors import DraftHost, TargetShard
 
         shard_cls, draft_cls = ray.remote(TargetShard), ray.remote(DraftHost)

@@ -3,7 +3,9 @@
 Owns no long-lived state beyond the Ray connection. `connect` joins a cluster (`ray_address`, e.g.
 "auto" or "ray://head:10001") or starts a local one. `engine_placement_group` reserves, on one node
 (`STRICT_PACK`), `tensor_parallel_size` bundles for the target shards plus one bundle for a separate
-draft: one GPU each on GPU clusters, one CPU each otherwise (CI runs the same code on CPU).
+draft: one GPU each on GPU clusters, one CPU each otherwise (CI runs the same code on CPU). With
+`draft_gpu_fraction` f < 1 the draft shares the last shard's GPU: that shard's bundle takes 1 - f of it and
+the draft's bundle f, so TP=2 plus a draft fits on 2 GPUs.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class EnginePlacement:
     num_target: int
     separate_draft: bool
     use_gpu: bool
+    gpus: tuple[float, ...] = ()  # GPUs per bundle (target ranks, then the draft); empty on CPU
 
     def strategy(self, bundle: int) -> Any:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -48,7 +51,7 @@ class EnginePlacement:
         )
 
     def actor_options(self, bundle: int) -> dict[str, Any]:
-        res = {"num_cpus": 1, "num_gpus": 1} if self.use_gpu else {"num_cpus": 1, "num_gpus": 0}
+        res = {"num_cpus": 1, "num_gpus": self.gpus[bundle] if self.use_gpu else 0}
         return {**res, "scheduling_strategy": self.strategy(bundle), "max_concurrency": 8}
 
     def remove(self) -> None:
@@ -60,14 +63,29 @@ class EnginePlacement:
             pass
 
 
-def engine_placement_group(tp: int, separate_draft: bool, use_gpu: bool, timeout_s: float = 120.0) -> EnginePlacement:
+def bundle_gpus(tp: int, separate_draft: bool, draft_gpu_fraction: float = 1.0) -> tuple[float, ...]:
+    """GPUs of each bundle: one per target rank and one for a separate draft, or, when the draft takes a
+    fraction f < 1, the last rank 1 - f and the draft f of the same GPU."""
+    if not 0.0 < draft_gpu_fraction <= 1.0:
+        raise ConfigError(f"speculative_config.draft_gpu_fraction must be in (0, 1], got {draft_gpu_fraction}")
+    gpus = [1.0] * tp
+    if separate_draft:
+        if draft_gpu_fraction < 1.0:
+            gpus[-1] = round(1.0 - draft_gpu_fraction, 4)
+        gpus.append(draft_gpu_fraction)
+    return tuple(gpus)
+
+
+def engine_placement_group(tp: int, separate_draft: bool, use_gpu: bool, timeout_s: float = 120.0,
+                           draft_gpu_fraction: float = 1.0) -> EnginePlacement:
     """Reserve the engine's bundles; a ConfigError names what the cluster lacks if they never fit."""
     import ray
     from ray.util import placement_group
 
-    bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
+    gpus = bundle_gpus(tp, separate_draft, draft_gpu_fraction) if use_gpu else ()
     n = tp + int(separate_draft)
-    pg = placement_group([dict(bundle) for _ in range(n)], strategy="STRICT_PACK")
+    bundles = [{"GPU": g, "CPU": 1} for g in gpus] if use_gpu else [{"CPU": 1} for _ in range(n)]
+    pg = placement_group(bundles, strategy="STRICT_PACK")
     try:
         ray.get(pg.ready(), timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
@@ -75,9 +93,10 @@ def engine_placement_group(tp: int, separate_draft: bool, use_gpu: bool, timeout
 
         remove_placement_group(pg)
         kind = "GPUs" if use_gpu else "CPUs"
+        need = f"{sum(gpus):g}" if use_gpu else str(n)
         raise ConfigError(
-            f"tensor_parallel_size {tp}{' + a separate draft' if separate_draft else ''} needs {n} {kind} on one "
+            f"tensor_parallel_size {tp}{' + a separate draft' if separate_draft else ''} needs {need} {kind} on one "
             f"node; the Ray cluster could not place them within {timeout_s:.0f} s "
             f"(cluster resources: {ray.cluster_resources()})"
         ) from None
-    return EnginePlacement(pg, tp, separate_draft, use_gpu)
+    return EnginePlacement(pg, tp, separate_draft, use_gpu, gpus)
