@@ -127,27 +127,36 @@ def start_distributed(cfg, ray_address: str | None):
         return DistributedEngine(dataclasses.replace(cfg, cuda_graphs=False)), False
 
 
-def timed_run(engine, prompt: list[int], n: int) -> dict[str, Any]:
-    """Greedy batch-1 run; decode time from the first token to the last (prefill excluded), and the
-    driver's time inside step() per call."""
+def timed_run(engine, prompt: list[int], n: int, at_first=None) -> dict[str, Any]:
+    """Greedy batch-1 run. Decode only (prefill excluded): wall time from the first token to the last, and
+    the driver's time inside step() and its calls after the first token. `at_first()` runs once when the
+    first token arrives (a stats snapshot)."""
     from specray.engine.sampling_params import SamplingParams
 
-    engine.add_request(f"bench-{time.monotonic_ns()}", prompt, SamplingParams(temperature=0, max_tokens=n,
-                                                                             ignore_eos=True))
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    engine.add_request(f"bench-{time.monotonic_ns()}", prompt, params)
     tokens, t_first, step_s, calls, last = [], None, 0.0, 0, None
     while engine.has_unfinished_requests():
         t0 = time.perf_counter()
         outs = engine.step()
-        step_s += time.perf_counter() - t0
-        calls += 1
+        if t_first is not None:
+            step_s += time.perf_counter() - t0
+            calls += 1
         for out in outs:
             tokens, last = out.token_ids, out
             if t_first is None and tokens:
                 t_first = time.perf_counter()
+                if at_first is not None:
+                    at_first()
     elapsed = time.perf_counter() - t_first
-    return {"tokens": tokens, "decode_tok_s": (len(tokens) - 1) / elapsed, "decode_ms_per_token":
-            1e3 * elapsed / (len(tokens) - 1), "driver_step_calls": calls, "driver_step_s": step_s,
-            "spec_metrics": last.spec_metrics if last is not None else None}
+    return {
+        "tokens": tokens,
+        "decode_tok_s": (len(tokens) - 1) / elapsed,
+        "decode_ms_per_token": 1e3 * elapsed / (len(tokens) - 1),
+        "driver_decode_step_calls": calls,
+        "driver_decode_step_s": step_s,
+        "spec_metrics": last.spec_metrics if last is not None else None,
+    }
 
 
 def leader_delta(before: dict, after: dict) -> dict[str, Any]:
@@ -173,8 +182,9 @@ def run_distributed(cfg, prompt, n, ray_address, warm: list[int]) -> dict[str, A
     engine, graphs = start_distributed(cfg, ray_address)
     try:
         timed_run(engine, warm, 16)
-        before = engine.stats()
-        row = timed_run(engine, prompt, n)
+        snap: list[dict] = []
+        row = timed_run(engine, prompt, n, at_first=lambda: snap.append(engine.stats()))
+        before = snap[0]
         row.update(leader_delta(before, engine.stats()), decode_graphs=graphs)
         if "draft" in before:
             row["draft_actor"] = engine.stats()["draft"]
@@ -188,9 +198,14 @@ def run_inprocess(cfg, prompt, n, warm: list[int]) -> dict[str, Any]:
 
     engine = LLMEngine(cfg)
     timed_run(engine, warm, 16)
-    spec0 = (engine.spec.stats.num_drafts, dict(engine.spec.timings)) if engine.spec else None
-    row = timed_run(engine, prompt, n)
-    row["inprocess_ms_per_step"] = 1e3 * row["driver_step_s"] / row["driver_step_calls"]
+    snap: list = []
+
+    def at_first(spec=engine.spec) -> None:
+        snap.append((spec.stats.num_drafts, dict(spec.timings)) if spec else None)
+
+    row = timed_run(engine, prompt, n, at_first=at_first)
+    spec0 = snap[0]
+    row["inprocess_ms_per_step"] = 1e3 * row["driver_decode_step_s"] / max(row["driver_decode_step_calls"], 1)
     if spec0 is not None:
         drafts = max(engine.spec.stats.num_drafts - spec0[0], 1)
         for k, v in engine.spec.timings.items():
@@ -270,11 +285,17 @@ def main() -> None:
         rows = {"inprocess_colocated": run_inprocess(colocated, prompt, args.tokens, warm),
                 "distributed_colocated": run_distributed(colocated, prompt, args.tokens, args.ray_address, warm),
                 "distributed_separate": run_distributed(separate, prompt, args.tokens, args.ray_address, warm)}
+        for row in rows.values():  # end to end, driver's wall clock: decode time / speculative steps
+            decode_ms = row["decode_ms_per_token"] * (len(row["tokens"]) - 1)
+            row["wall_ms_per_spec_step"] = decode_ms / max(row.get("spec_steps", 0), 1)
         base = rows["inprocess_colocated"]["inprocess_ms_per_step"]
+        wall = rows["inprocess_colocated"]["wall_ms_per_spec_step"]
         dump("overhead", {
             "context": args.equality_context,
             "control_plane_ms_per_spec_step_colocated": rows["distributed_colocated"]["leader_ms_per_step"] - base,
             "control_plane_ms_per_spec_step_separate": rows["distributed_separate"]["leader_ms_per_step"] - base,
+            "wall_overhead_ms_per_spec_step_colocated": rows["distributed_colocated"]["wall_ms_per_spec_step"] - wall,
+            "wall_overhead_ms_per_spec_step_separate": rows["distributed_separate"]["wall_ms_per_spec_step"] - wall,
             **{k: {kk: vv for kk, vv in v.items() if kk != "tokens"} for k, v in rows.items()}})
     if "pair" in args.sections:
         if not (args.target and args.draft):
