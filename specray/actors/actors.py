@@ -119,6 +119,7 @@ class TargetShard(_Member):
                 stats = self._counts()
             if outs:
                 self._out.put(("outputs", outs, stats))
+            time.sleep(0)  # let control calls (add_request, abort, counts) take the lock between steps
 
     def _counts(self) -> dict[str, int]:
         eng = self.engine
@@ -151,16 +152,17 @@ class TargetShard(_Member):
             return self._counts()
 
     def stats(self) -> dict[str, Any]:
-        with self._lock:
-            eng = self.engine
-            out: dict[str, Any] = {"plan": dict(getattr(eng.runner, "timings", {})), "loop": dict(self.loop_timings)}
-            if eng.spec is not None:
-                out["spec"] = {"num_drafts": eng.spec.stats.num_drafts,
-                               "num_draft_tokens": eng.spec.stats.num_draft_tokens,
-                               "num_accepted_tokens": eng.spec.stats.num_accepted_tokens,
-                               **eng.spec.timings, **dict(getattr(eng.spec.proposer, "timings", {}))}
-                out["num_refreshes"] = getattr(eng.spec.proposer, "num_refreshes", None)
-            return out
+        """Counters only the step thread writes; read without the lock (a snapshot may be one step
+        stale), so a busy loop never delays it."""
+        eng = self.engine
+        out: dict[str, Any] = {"plan": dict(getattr(eng.runner, "timings", {})), "loop": dict(self.loop_timings)}
+        if eng.spec is not None:
+            out["spec"] = {"num_drafts": eng.spec.stats.num_drafts,
+                           "num_draft_tokens": eng.spec.stats.num_draft_tokens,
+                           "num_accepted_tokens": eng.spec.stats.num_accepted_tokens,
+                           **eng.spec.timings, **dict(getattr(eng.spec.proposer, "timings", {}))}
+            out["num_refreshes"] = getattr(eng.spec.proposer, "num_refreshes", None)
+        return out
 
     def stop(self) -> None:
         """Graceful stop: end the step thread, release the followers and the draft."""

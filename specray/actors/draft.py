@@ -4,7 +4,8 @@ Colocated, `ColocatedDraftProposer` is the in-process `DraftModelProposer` whose
 scores come from all target shards (`shard.chunk_scores`: each rank sums its heads, one all-reduce).
 
 Separate, the draft model lives in the draft actor (`DraftWorker`, its own device) and the leader holds
-a `RemoteDraftProposer` stub. One round trip over `spec_cpu_group` per speculative step:
+a `RemoteDraftProposer` stub. One round trip per speculative step, over the shared-memory channels
+`to_draft` / `from_draft`:
 
     leader -> draft  ("step", events, batch)   events: ("commit", request ids, [(path, bonus)], {id: chunk
                                                scores}) of the previous step, ("release", id); batch: per
@@ -77,14 +78,13 @@ class ColocatedDraftProposer(DraftModelProposer):
 
 
 class RemoteDraftProposer:
-    """The leader's stand-in for the draft actor (the `Proposer` protocol over `spec_cpu_group`)."""
+    """The leader's stand-in for the draft actor (the `Proposer` protocol over `to_draft` / `from_draft`)."""
 
     def __init__(self, engine, cfg: SpeculativeConfig):
         self.engine, self.cfg = engine, cfg
         self.retrieval = cfg.retrieval
         self.needs_target_q = cfg.retrieval is not None
-        self.peer = engine.world.layout.draft_rank
-        self.group = engine.world.spec_cpu_group
+        self.tx, self.rx = engine.world.to_draft, engine.world.from_draft
         self.sent: dict[str, int] = {}  # request id -> tokens the draft has seen
         self.events: list[tuple] = []
         self.refresh_due: dict[str, bool] = {}
@@ -100,9 +100,9 @@ class RemoteDraftProposer:
                 batch.append((rid, None, seq.token_slice(known, seq.num_tokens), None))
             self.sent[rid] = seq.num_tokens
         t0 = time.perf_counter()
-        W.send(("step", self.events, batch), self.peer, self.group)
+        self.tx.write(("step", self.events, batch))
         self.events = []
-        trees, due = W.recv(self.peer, self.group)
+        trees, due = self.rx.read()
         self.timings["draft_wait_s"] += time.perf_counter() - t0
         self.timings["num_exchanges"] += 1
         self.refresh_due = {s.request_id: d for s, d in zip(seqs, due, strict=True)}
@@ -128,11 +128,11 @@ class RemoteDraftProposer:
         """Forget a finished or aborted request; the draft frees its pages at once (per request, not per step)."""
         if self.sent.pop(request_id, None) is not None:
             self.events.append(("release", request_id))
-            W.send(("events", self.events, None), self.peer, self.group)
+            self.tx.write(("events", self.events, None))
             self.events = []
 
     def stop(self) -> None:
-        W.send(("stop", self.events, None), self.peer, self.group)
+        self.tx.write(("stop", self.events, None))
         self.events = []
 
 
@@ -199,9 +199,9 @@ class DraftWorker:
     # ---- one exchange ---------------------------------------------------------------------------
     @torch.inference_mode()
     def serve(self) -> None:
-        group = self.world.spec_cpu_group
+        rx, tx = self.world.to_draft, self.world.from_draft
         while True:
-            op, events, batch = W.recv(0, group)
+            op, events, batch = rx.read()
             if self.guess is not None and not (op == "step" and self._guess_holds(events, batch)):
                 self._rollback()
             if op == "stop":
@@ -215,7 +215,7 @@ class DraftWorker:
                 self._apply_releases(events)
             else:
                 reply = self._step(events, batch)
-            W.send(reply, 0, group)
+            tx.write(reply)
             self.stats["steps"] += 1
             if self.overlap:
                 self._make_guess(batch)

@@ -77,7 +77,7 @@ class PlanRunner(ModelRunner):
             self.pending_moves.clear()
             return
         t0 = time.perf_counter()
-        W.broadcast((op, args, self.pending_moves), 0, self.world.tp_cpu_group)
+        self.world.plan.write((op, args, self.pending_moves))
         self.pending_moves = []
         self.timings["plan_s"] += time.perf_counter() - t0
         self.timings["num_plans"] += 1
@@ -219,9 +219,9 @@ class ShardEngine(LLMEngine):
 @torch.inference_mode()
 def follow(engine: ShardEngine) -> None:
     """A follower's loop: execute the leader's plans until "stop"."""
-    runner, group = engine.runner, engine.world.tp_cpu_group
+    runner, plan = engine.runner, engine.world.plan
     while True:
-        op, args, moves = W.broadcast(None, 0, group)
+        op, args, moves = plan.read()
         for pages, prefix_len, path in moves:
             runner.commit_kv(pages, prefix_len, path)
         if op == "stop":

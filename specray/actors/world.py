@@ -2,13 +2,15 @@
 
 Owns the layout (`Layout`: tensor-parallel ranks `0 .. tp-1`, then the draft rank when the draft is a
 separate actor) and, per process, the initialised `World`: the data-plane `tp_group` (NCCL on GPUs,
-gloo on CPU) for all-reduce / all-gather of activations and logits, and two gloo groups that carry
-small host objects: `tp_cpu_group` (rank 0's per-step plan to the other shards) and `spec_cpu_group`
-(target rank 0 <-> draft: tree tokens one way, accepted tokens and retrieval chunk scores back).
+gloo on CPU) for all-reduce / all-gather of activations and logits, the gloo `tp_cpu_group` for
+start-up agreements, and the per-step control plane in shared memory (`shm_channel`, one node):
+`plan` (rank 0's step plan to the other shards), `to_draft` (rank 0 -> draft: tree requests, accepted
+tokens, retrieval chunk scores) and `from_draft` (draft -> rank 0: trees).
 """
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -16,6 +18,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from specray.actors.shm_channel import ShmChannel, channel_path
 
 # idle shards wait on the next plan inside a gloo collective: that wait must not time out; dead peers
 # are detected through Ray, not through collective timeouts
@@ -44,7 +48,9 @@ class World:
     device: torch.device
     tp_group: Any = None
     tp_cpu_group: Any = None
-    spec_cpu_group: Any = None
+    plan: ShmChannel | None = None  # rank 0 writes, the other shards read
+    to_draft: ShmChannel | None = None  # rank 0 -> the draft
+    from_draft: ShmChannel | None = None  # the draft -> rank 0
 
     @property
     def is_target(self) -> bool:
@@ -83,24 +89,37 @@ def init_world(rank: int, layout: Layout, address: str, port: int, device: torch
     world = World(rank=rank, layout=layout, device=device)
     tp_group = dist.new_group(tp_ranks, timeout=_IDLE_TIMEOUT)
     tp_cpu = dist.new_group(tp_ranks, backend="gloo", timeout=_IDLE_TIMEOUT) if layout.backend != "gloo" else tp_group
-    spec_cpu = None
-    if layout.separate_draft:
-        spec_cpu = dist.new_group([0, layout.draft_rank], backend="gloo", timeout=_IDLE_TIMEOUT)
+    every = dist.new_group(list(range(layout.world_size)), backend="gloo", timeout=_IDLE_TIMEOUT)
     if world.is_target:
         world.tp_group, world.tp_cpu_group = tp_group, tp_cpu
-    if rank in (0, layout.draft_rank):
-        world.spec_cpu_group = spec_cpu
+    _open_channels(world, f"{port}-{os.getpid() if rank == 0 else 0}", every)
     return world
 
 
-def send(obj: Any, dst: int, group: Any) -> None:
-    dist.send_object_list([obj], dst=dst, group=group)
-
-
-def recv(src: int, group: Any) -> Any:
-    box: list[Any] = [None]
-    dist.recv_object_list(box, src=src, group=group)
-    return box[0]
+def _open_channels(world: World, tag: str, every: Any) -> None:
+    """Rank 0 creates `plan` and `to_draft`, the draft creates `from_draft`; everyone attaches after a
+    barrier, and the creators unlink the names after a second one (nothing is left in /dev/shm even if a
+    process dies later). The tag (rank 0's port and pid) is broadcast so all ranks use the same names."""
+    layout, rank = world.layout, world.rank
+    tag = broadcast(tag, 0, every)
+    specs = []  # (attribute, writer rank, reader ranks)
+    if layout.tp_size > 1:
+        specs.append(("plan", 0, list(range(1, layout.tp_size))))
+    if layout.separate_draft:
+        specs += [("to_draft", 0, [layout.draft_rank]), ("from_draft", layout.draft_rank, [0])]
+    made = []
+    for attr, writer, readers in specs:
+        if rank == writer:
+            chan = ShmChannel.create(channel_path(tag, attr), num_readers=len(readers))
+            setattr(world, attr, chan)
+            made.append(chan)
+    dist.barrier(group=every)
+    for attr, _, readers in specs:
+        if rank in readers:
+            setattr(world, attr, ShmChannel.attach(channel_path(tag, attr), len(readers), readers.index(rank)))
+    dist.barrier(group=every)
+    for chan in made:
+        chan.unlink()
 
 
 def broadcast(obj: Any, src: int, group: Any) -> Any:

@@ -1,0 +1,80 @@
+"""The shared-memory control-plane channel against an oracle of the messages sent: every reader, in
+another process, gets every message in order and intact, including messages larger than a slot (split
+over several) and more messages than the ring has slots (the writer must wait for slow readers)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import random
+
+import pytest
+
+from specray.actors.shm_channel import ShmChannel, channel_path
+
+
+def _messages(seed: int, n: int) -> list[object]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        size = rng.choice([0, 1, 10, 300, 5000])  # 5000 ints pickle to several 4 KiB slots
+        out.append((i, "op", [rng.randrange(1 << 40) for _ in range(size)]))
+    return out
+
+
+def _reader(path: str, readers: int, index: int, n: int, slow: bool, q) -> None:
+    chan = ShmChannel.attach(path, readers, index, num_slots=4, slot_bytes=4096)
+    got = []
+    for _ in range(n):
+        got.append(chan.read(timeout=60))
+        if slow and len(got) % 7 == 0:
+            import time
+
+            time.sleep(0.01)
+    q.put((index, got))
+
+
+@pytest.mark.timeout(120)
+def test_readers_get_every_message_in_order(tmp_path):
+    n, readers = 60, 2
+    path = channel_path(f"test{os.getpid()}", "plan")
+    writer = ShmChannel.create(path, readers, num_slots=4, slot_bytes=4096)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_reader, args=(path, readers, i, n, i == 1, q)) for i in range(readers)]
+    for p in procs:
+        p.start()
+    try:
+        sent = _messages(0, n)
+        for m in sent:
+            writer.write(m)
+        results = dict(q.get(timeout=90) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+        writer.unlink()
+        writer.close()
+    assert results[0] == sent
+    assert results[1] == sent
+
+
+def test_read_timeout_and_wrong_end(tmp_path):
+    path = channel_path(f"test{os.getpid()}", "t")
+    w = ShmChannel.create(path, 1, num_slots=2, slot_bytes=64)
+    r = ShmChannel.attach(path, 1, 0, num_slots=2, slot_bytes=64)
+    w.unlink()  # both ends stay mapped
+    assert not os.path.exists(path)
+    with pytest.raises(TimeoutError):
+        r.read(timeout=0.2)
+    with pytest.raises(RuntimeError, match="reader end"):
+        r.write(1)
+    with pytest.raises(RuntimeError, match="writer end"):
+        w.read()
+    import threading
+
+    got = []
+    t = threading.Thread(target=lambda: got.append(r.read(timeout=30)))
+    t.start()
+    w.write({"a": list(range(100))})  # 100 ints: several 64-byte slots through a 2-slot ring
+    t.join(timeout=30)
+    assert got == [{"a": list(range(100))}]
