@@ -36,13 +36,15 @@ static sizes and can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import heapq
+
 import torch
 import triton
 import triton.language as tl
 
 from specray.kernels.paged_decode import _attend_block  # the paged online-softmax block, shared with decode
 
-__all__ = ["HybridTreeAttention"]
+__all__ = ["HybridTreeAttention", "choose_tree_splits", "default_tiles", "estimate_ctas_per_sm"]
 
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -50,18 +52,41 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @triton.jit
 def _tree_prefix_split_kernel(
-    q_ptr, k_ptr, v_ptr, qo_indptr_ptr, prefix_lens_ptr, page_table_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    qo_indptr_ptr,
+    prefix_lens_ptr,
+    page_table_ptr,
     part_o_ptr,  # [T, Hq, S, D] fp32
     part_lse_ptr,  # [T, Hq, S] fp32
-    qk_scale_log2, max_pages, stride_pl,
-    stride_qt, stride_qh,
-    stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+    qk_scale_log2,
+    max_pages,
+    stride_pl,
+    num_splits,
+    stride_qt,
+    stride_qh,
+    stride_kp,
+    stride_kt,
+    stride_kh,
+    stride_vp,
+    stride_vt,
+    stride_vh,
     stride_ptb,
-    stride_pot, stride_poh, stride_pos,
-    stride_plt, stride_plh, stride_pls,
-    GROUP: tl.constexpr, M_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    stride_pot,
+    stride_poh,
+    stride_pos,
+    stride_plt,
+    stride_plh,
+    stride_pls,
+    GROUP: tl.constexpr,
+    M_TILES: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     seq = tl.program_id(0) // M_TILES
     tile = tl.program_id(0) % M_TILES
@@ -78,12 +103,15 @@ def _tree_prefix_split_kernel(
     row_mask = tok < n_q
     offs_d = tl.arange(0, BLOCK_D)
     t_idx = (qo_start + tok).to(tl.int64)
-    q = tl.load(q_ptr + t_idx[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                mask=row_mask[:, None], other=0.0)  # [BLOCK_M, D]
+    q = tl.load(
+        q_ptr + t_idx[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+        mask=row_mask[:, None],
+        other=0.0,
+    )  # [BLOCK_M, D]
 
     n_blocks = tl.cdiv(prefix_len, BLOCK_N)
     n_blocks = tl.where(tile * BLOCK_M < n_q * GROUP, n_blocks, 0)  # an empty row tile reads nothing
-    per_split = tl.cdiv(n_blocks, NUM_SPLITS)
+    per_split = tl.cdiv(n_blocks, num_splits)
     lo = split * per_split
     hi = tl.minimum(lo + per_split, n_blocks)
 
@@ -98,16 +126,56 @@ def _tree_prefix_split_kernel(
         blk = lo
         while blk < hi:
             m_i, l_i, acc = _attend_block(
-                blk, q, m_i, l_i, acc, page_row, k_head, v_head, prefix_len, kv_start, max_pages, qk_scale_log2,
-                stride_kp, stride_kt, stride_vp, stride_vt, BLOCK_D, BLOCK_D, PAGE_SIZE, BLOCK_N, DOT_PRECISION,
-                INTERPRET)
+                blk,
+                q,
+                m_i,
+                l_i,
+                acc,
+                page_row,
+                k_head,
+                v_head,
+                prefix_len,
+                kv_start,
+                max_pages,
+                qk_scale_log2,
+                stride_kp,
+                stride_kt,
+                stride_vp,
+                stride_vt,
+                BLOCK_D,
+                BLOCK_D,
+                PAGE_SIZE,
+                BLOCK_N,
+                DOT_PRECISION,
+                INTERPRET,
+            )
             blk += 1
     else:
         for blk in range(lo, hi):
             m_i, l_i, acc = _attend_block(
-                blk, q, m_i, l_i, acc, page_row, k_head, v_head, prefix_len, kv_start, max_pages, qk_scale_log2,
-                stride_kp, stride_kt, stride_vp, stride_vt, BLOCK_D, BLOCK_D, PAGE_SIZE, BLOCK_N, DOT_PRECISION,
-                INTERPRET)
+                blk,
+                q,
+                m_i,
+                l_i,
+                acc,
+                page_row,
+                k_head,
+                v_head,
+                prefix_len,
+                kv_start,
+                max_pages,
+                qk_scale_log2,
+                stride_kp,
+                stride_kt,
+                stride_vp,
+                stride_vt,
+                BLOCK_D,
+                BLOCK_D,
+                PAGE_SIZE,
+                BLOCK_N,
+                DOT_PRECISION,
+                INTERPRET,
+            )
 
     nonempty = l_i > 0.0
     safe_l = tl.where(nonempty, l_i, 1.0)
@@ -119,19 +187,61 @@ def _tree_prefix_split_kernel(
 
 
 @triton.jit
+def _merge_split(m, den, acc, po_ptrs, pl_ptrs, row_mask):
+    """Online LSE merge of one split's partial rows (po_ptrs [BLOCK_M, D], pl_ptrs [BLOCK_M]) into (m, den, acc)."""
+    lse_s = tl.load(pl_ptrs, mask=row_mask, other=float("-inf"))
+    o_s = tl.load(po_ptrs, mask=row_mask[:, None], other=0.0)
+    m_new = tl.maximum(m, lse_s)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    a = tl.exp(m - m_safe)
+    w = tl.exp(lse_s - m_safe)
+    den = den * a + w
+    acc = acc * a[:, None] + o_s * w[:, None]
+    return m_new, den, acc
+
+
+@triton.jit
 def _tree_merge_kernel(
-    q_ptr, k_ptr, v_ptr, qo_indptr_ptr, tree_lens_ptr, tree_slots_ptr, tree_mask_ptr,
-    part_o_ptr, part_lse_ptr, o_ptr, lse_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    qo_indptr_ptr,
+    tree_lens_ptr,
+    tree_slots_ptr,
+    tree_mask_ptr,
+    part_o_ptr,
+    part_lse_ptr,
+    o_ptr,
+    lse_ptr,
     qk_scale,
-    stride_qt, stride_qh,
-    stride_kslot, stride_kh, stride_vslot, stride_vh,
-    stride_tsb, stride_tmb, stride_tmi,
-    stride_pot, stride_poh, stride_pos,
-    stride_plt, stride_plh, stride_pls,
-    stride_ot, stride_oh, stride_lt, stride_lh,
-    GROUP: tl.constexpr, M_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, HAS_TREE: tl.constexpr, N_PAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    num_splits,
+    stride_qt,
+    stride_qh,
+    stride_kslot,
+    stride_kh,
+    stride_vslot,
+    stride_vh,
+    stride_tsb,
+    stride_tmb,
+    stride_tmi,
+    stride_pot,
+    stride_poh,
+    stride_pos,
+    stride_plt,
+    stride_plh,
+    stride_pls,
+    stride_ot,
+    stride_oh,
+    stride_lt,
+    stride_lh,
+    GROUP: tl.constexpr,
+    M_TILES: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_TREE: tl.constexpr,
+    N_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     seq = tl.program_id(0) // M_TILES
     tile = tl.program_id(0) % M_TILES
@@ -150,31 +260,44 @@ def _tree_merge_kernel(
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     den = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for s in range(NUM_SPLITS):
-        lse_s = tl.load(part_lse_ptr + t_idx * stride_plt + head * stride_plh + s * stride_pls,
-                        mask=row_mask, other=float("-inf"))
-        o_s = tl.load(part_o_ptr + t_idx[:, None] * stride_pot + head[:, None] * stride_poh + s * stride_pos
-                      + offs_d[None, :], mask=row_mask[:, None], other=0.0)
-        m_new = tl.maximum(m, lse_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        a = tl.exp(m - m_safe)
-        w = tl.exp(lse_s - m_safe)
-        den = den * a + w
-        acc = acc * a[:, None] + o_s * w[:, None]
-        m = m_new
+    po_rows = part_o_ptr + t_idx[:, None] * stride_pot + head[:, None] * stride_poh + offs_d[None, :]  # split 0
+    pl_rows = part_lse_ptr + t_idx * stride_plt + head * stride_plh
+    if INTERPRET:  # the interpreter cannot take tensor bounds in range()
+        s = num_splits * 0
+        while s < num_splits:
+            m, den, acc = _merge_split(m, den, acc, po_rows + s * stride_pos, pl_rows + s * stride_pls, row_mask)
+            s += 1
+    else:
+        for s in range(num_splits):
+            m, den, acc = _merge_split(m, den, acc, po_rows + s * stride_pos, pl_rows + s * stride_pls, row_mask)
 
     if HAS_TREE:
-        q = tl.load(q_ptr + t_idx[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                    mask=row_mask[:, None], other=0.0)  # [BLOCK_M, D]
+        q = tl.load(
+            q_ptr + t_idx[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+            mask=row_mask[:, None],
+            other=0.0,
+        )  # [BLOCK_M, D]
         offs_j = tl.arange(0, N_PAD)
         j_mask = offs_j < tl.load(tree_lens_ptr + seq)
         slots = tl.load(tree_slots_ptr + seq.to(tl.int64) * stride_tsb + offs_j, mask=j_mask, other=0)
-        kt = tl.load(k_ptr + slots[:, None] * stride_kslot + kv_head * stride_kh + offs_d[None, :],
-                     mask=j_mask[:, None], other=0.0)  # [N_PAD, D]
-        vt = tl.load(v_ptr + slots[:, None] * stride_vslot + kv_head * stride_vh + offs_d[None, :],
-                     mask=j_mask[:, None], other=0.0)
-        vis = tl.load(tree_mask_ptr + seq.to(tl.int64) * stride_tmb + tok[:, None] * stride_tmi + offs_j[None, :],
-                      mask=row_mask[:, None] & j_mask[None, :], other=0) != 0  # [BLOCK_M, N_PAD]
+        kt = tl.load(
+            k_ptr + slots[:, None] * stride_kslot + kv_head * stride_kh + offs_d[None, :],
+            mask=j_mask[:, None],
+            other=0.0,
+        )  # [N_PAD, D]
+        vt = tl.load(
+            v_ptr + slots[:, None] * stride_vslot + kv_head * stride_vh + offs_d[None, :],
+            mask=j_mask[:, None],
+            other=0.0,
+        )
+        vis = (
+            tl.load(
+                tree_mask_ptr + seq.to(tl.int64) * stride_tmb + tok[:, None] * stride_tmi + offs_j[None, :],
+                mask=row_mask[:, None] & j_mask[None, :],
+                other=0,
+            )
+            != 0
+        )  # [BLOCK_M, N_PAD]
         if INTERPRET:
             q = q.to(tl.float32)
             kt = kt.to(tl.float32)
@@ -198,16 +321,23 @@ def _tree_merge_kernel(
     out = acc / safe[:, None]
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     lse = tl.where(nonempty, m_safe + tl.log(safe), float("-inf"))
-    tl.store(o_ptr + t_idx[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=row_mask[:, None])
+    tl.store(
+        o_ptr + t_idx[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+        out.to(o_ptr.dtype.element_ty),
+        mask=row_mask[:, None],
+    )
     tl.store(lse_ptr + t_idx * stride_lt + head * stride_lh, lse, mask=row_mask)
 
 
-def default_tiles(num_kv_heads: int, rows: int) -> dict[str, int]:
-    """Launch shape measured best on an H100 (bf16, d 128, 69-node tree, 16K prefix; BENCHMARKS.md):
-    wide row tiles when there are many KV heads to spread over the SMs, narrower ones otherwise; small
-    row counts (plain decode, short chains) get a tile that is not mostly padding."""
-    if num_kv_heads >= 4:
+def default_tiles(num_kv_heads: int, rows: int, batch: int = 1) -> dict[str, int]:
+    """Launch shape measured best on an H100 (bf16, d 128, 69-node tree; BENCHMARKS.md). Batch 1, 16K
+    prefix: wide row tiles when there are many KV heads to spread over the SMs, narrower ones otherwise.
+    Batch >= 4 (measured at 8, 16K and 64K, both shapes): 64x32 tiles with 4 warps, 4 programs per SM,
+    8-32% faster than the batch-1 pick. Small row counts (plain decode, short chains) get a tile that is
+    not mostly padding. `batch` is the largest batch the workspace serves."""
+    if batch >= 4:
+        tile = dict(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    elif num_kv_heads >= 4:
         tile = dict(block_m=128, block_n=32, num_warps=8, num_stages=3)
     else:
         tile = dict(block_m=64, block_n=64, num_warps=8, num_stages=2)
@@ -218,12 +348,89 @@ def default_tiles(num_kv_heads: int, rows: int) -> dict[str, int]:
     return tile
 
 
-def choose_tree_splits(rows_programs: int, max_prefix: int, num_sms: int = 132, block_n: int = 64,
-                       max_splits: int = 32) -> int:
-    """KV splits so that kernel 1 has about 2 programs per SM, never fewer than 4 blocks per split."""
-    wanted = -(-2 * num_sms // max(rows_programs, 1))
-    by_length = max(1, max_prefix // (4 * block_n))
-    return max(1, min(wanted, by_length, max_splits))
+# Resident prefix-kernel programs per SM on sm_90 (bf16, d 128; registers and shared memory of the ptxas
+# build) for the launch shapes default_tiles and the benchmark sweep use: (block_m, block_n, warps, stages).
+_CTAS_PER_SM_SM90_D128 = {
+    (128, 32, 8, 3): 2,
+    (128, 32, 8, 4): 2,
+    (128, 32, 4, 3): 2,
+    (128, 64, 8, 2): 1,
+    (128, 64, 8, 3): 1,
+    (64, 64, 8, 2): 2,
+    (64, 64, 4, 2): 2,
+    (64, 64, 4, 3): 2,
+    (64, 32, 4, 2): 4,
+    (64, 32, 4, 3): 3,
+}
+
+
+def estimate_ctas_per_sm(block_m: int, block_n: int, num_warps: int, num_stages: int, head_dim: int) -> int:
+    """Prefix-kernel programs resident on one SM: the sm_90 build's value for the known d=128 launch
+    shapes, else 2 (what both default tiles get)."""
+    if head_dim == 128:
+        return _CTAS_PER_SM_SM90_D128.get((block_m, block_n, num_warps, num_stages), 2)
+    return 2
+
+
+def _makespan(programs: int, splits: int, per: int, last: int, slots: int, overhead: float) -> float:
+    """Greedy list scheduling of the prefix kernel's programs on `slots` resident program slots, in launch
+    order (split-major: every row program's split 0, then split 1, ...): splits 0..S-2 take `per` KV blocks
+    each, the last split `last` blocks, and every program `overhead` more. Returns the finish time in
+    block units. A program's pace does not depend on its SM's other programs (the kernel is latency bound:
+    on an H100 its batch-8 time is the 2-wave count times one program's time, BENCHMARKS.md)."""
+    d1, d2 = per + overhead, last + overhead
+    full, extra = divmod(programs * (splits - 1), slots)  # the equal programs fill `full` rounds, then `extra`
+    free = [full * d1] * (slots - extra) + [(full + 1) * d1] * extra
+    finish = (full + (extra > 0)) * d1
+    heapq.heapify(free)
+    for _ in range(programs):  # the last split's programs go to the earliest free slots
+        t = heapq.heappop(free) + d2
+        heapq.heappush(free, t)
+        finish = max(finish, t)
+    return finish
+
+
+def choose_tree_splits(
+    rows_programs: int,
+    max_prefix: int,
+    num_sms: int = 132,
+    block_n: int = 64,
+    max_splits: int = 32,
+    *,
+    ctas_per_sm: int = 2,
+    program_overhead_blocks: float = 4.0,
+    merge_blocks_per_split: float = 1.0,
+    min_blocks_per_split: int = 4,
+    tolerance: float = 0.02,
+) -> int:
+    """KV splits for kernel 1, aware of wave quantisation: the split count with the smallest modelled time.
+
+    The model: rows_programs * S programs run on num_sms * ctas_per_sm slots (`_makespan`), each taking
+    its KV blocks plus `program_overhead_blocks` (prologue, partial store), and kernel 2 reads S partial
+    tiles per row program (`merge_blocks_per_split` each, spread over the slots). A split keeps at least
+    `min_blocks_per_split` blocks; the fewest splits within `tolerance` of the best cost win. On an H100
+    it picks what the batch-1 sweeps measured best (11 splits for the Llama-8B shape, 19 for Qwen2.5-1.5B
+    at 16K) and, at batch 8, 4 and 7 splits where the old "2 programs per SM" rule gave 2 and 3 (1.45
+    and 1.27 waves). With 4 or more waves of row programs it does not split.
+    """
+    if rows_programs < 1 or num_sms < 1 or ctas_per_sm < 1 or block_n < 1:
+        raise ValueError("rows_programs, num_sms, ctas_per_sm and block_n must be >= 1")
+    n_blocks = max(1, -(-max_prefix // block_n))
+    slots = num_sms * ctas_per_sm
+    if rows_programs >= 4 * slots:
+        return 1  # 4+ waves already: programs of uneven pace hide the last partial wave; splits add traffic
+    costs: dict[int, float] = {}
+    for splits in range(1, max(1, max_splits) + 1):
+        per = -(-n_blocks // splits)
+        if splits > 1 and per < min_blocks_per_split:
+            break
+        if -(-n_blocks // per) < splits:
+            continue  # some splits would be empty: the same work as a smaller count
+        last = n_blocks - per * (splits - 1)
+        cost = _makespan(rows_programs, splits, per, last, slots, program_overhead_blocks)
+        costs[splits] = cost + merge_blocks_per_split * splits * rows_programs / slots
+    best = min(costs.values())
+    return min(s for s, c in costs.items() if c <= best * (1.0 + tolerance))
 
 
 class HybridTreeAttention:
@@ -237,14 +444,30 @@ class HybridTreeAttention:
         max_prefix: the longest committed prefix expected (chooses the split count).
         device: where the workspace lives.
         block_m, block_n: row tile (query tokens x GQA heads) and KV block (tokens); None = `default_tiles`.
-        num_splits: KV splits per (sequence, row tile, kv head); None = chosen from the sizes.
+        num_splits: KV splits per (sequence, row tile, kv head); None = `choose_tree_splits` for the device's
+            SM count (8 off CUDA) and `ctas_per_sm` (None = `estimate_ctas_per_sm` of the launch shape).
+        num_warps, num_stages: Triton launch parameters; None = `default_tiles`.
+
+    After a compiled (CUDA) ``run``, ``compiled`` holds the two launched kernels (registers, shared memory).
     """
 
     def __init__(
-        self, max_tokens: int, max_batch: int, max_nodes: int, num_q_heads: int, num_kv_heads: int,
-        head_dim: int, max_prefix: int, device: torch.device | str, *, block_m: int | None = None,
-        block_n: int | None = None, num_splits: int | None = None, num_warps: int | None = None,
+        self,
+        max_tokens: int,
+        max_batch: int,
+        max_nodes: int,
+        num_q_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_prefix: int,
+        device: torch.device | str,
+        *,
+        block_m: int | None = None,
+        block_n: int | None = None,
+        num_splits: int | None = None,
+        num_warps: int | None = None,
         num_stages: int | None = None,
+        ctas_per_sm: int | None = None,
     ):
         if num_q_heads % num_kv_heads:
             raise ValueError(f"num_q_heads={num_q_heads} is not a multiple of num_kv_heads={num_kv_heads}")
@@ -258,7 +481,7 @@ class HybridTreeAttention:
         self.hq, self.hkv, self.d = num_q_heads, num_kv_heads, head_dim
         self.group = num_q_heads // num_kv_heads
         self.max_tokens, self.max_batch, self.max_nodes = max_tokens, max_batch, max_nodes
-        tile = default_tiles(num_kv_heads, max_nodes * self.group)
+        tile = default_tiles(num_kv_heads, max_nodes * self.group, max_batch)
         block_m = block_m or tile["block_m"]
         block_n = block_n or tile["block_n"]
         num_warps = num_warps or tile["num_warps"]
@@ -268,8 +491,14 @@ class HybridTreeAttention:
         if num_splits is None:
             cuda = self.device.type == "cuda"
             sms = torch.cuda.get_device_properties(self.device).multi_processor_count if cuda else 8
-            num_splits = choose_tree_splits(max_batch * self.m_tiles * num_kv_heads, max_prefix, sms, block_n)
+            occupancy = ctas_per_sm or estimate_ctas_per_sm(block_m, block_n, num_warps, num_stages, head_dim)
+            num_splits = choose_tree_splits(
+                max_batch * self.m_tiles * num_kv_heads, max_prefix, sms, block_n, ctas_per_sm=occupancy
+            )
+        if num_splits < 1:
+            raise ValueError(f"num_splits must be >= 1, got {num_splits}")
         self.num_splits = num_splits
+        self.compiled: tuple = ()
         self.num_warps, self.num_stages = num_warps, num_stages
         self.part_o = torch.empty(max_tokens, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=device)
         self.part_lse = torch.empty(max_tokens, num_q_heads, num_splits, dtype=torch.float32, device=device)
@@ -287,10 +516,15 @@ class HybridTreeAttention:
         """Record the step's index tensors (used by every ``run`` until the next plan). No host sync."""
         b = prefix_lens.shape[0]
         if not 1 <= b <= self.max_batch or qo_indptr.shape != (b + 1,):
-            raise ValueError(f"expected 1 <= B <= {self.max_batch} and qo_indptr [B+1], got B={b}, "
-                             f"qo_indptr {tuple(qo_indptr.shape)}")
-        for name, t, dt in (("qo_indptr", qo_indptr, torch.int32), ("prefix_lens", prefix_lens, torch.int32),
-                            ("page_tables", page_tables, torch.int32)):
+            raise ValueError(
+                f"expected 1 <= B <= {self.max_batch} and qo_indptr [B+1], got B={b}, "
+                f"qo_indptr {tuple(qo_indptr.shape)}"
+            )
+        for name, t, dt in (
+            ("qo_indptr", qo_indptr, torch.int32),
+            ("prefix_lens", prefix_lens, torch.int32),
+            ("page_tables", page_tables, torch.int32),
+        ):
             if t.dtype != dt or t.device != self.device:
                 raise ValueError(f"{name} must be {dt} on {self.device}, got {t.dtype} on {t.device}")
         if page_tables.dim() != 2 or page_tables.shape[0] != b or page_tables.stride(1) != 1:
@@ -299,10 +533,18 @@ class HybridTreeAttention:
             raise ValueError("give tree_slots and tree_mask together, or neither")
         if tree_slots is not None:
             m = tree_slots.shape[1]
-            if tree_slots.shape != (b, m) or tree_mask.dim() != 3 or tree_mask.shape[0] != b \
-                    or tree_mask.shape[2] != m or m > 128 or tree_mask.shape[1] > self.max_nodes:
-                raise ValueError(f"tree_slots [B, M<=128] and tree_mask [B, N<={self.max_nodes}, M], got "
-                                 f"{tuple(tree_slots.shape)} and {tuple(tree_mask.shape)}")
+            if (
+                tree_slots.shape != (b, m)
+                or tree_mask.dim() != 3
+                or tree_mask.shape[0] != b
+                or tree_mask.shape[2] != m
+                or m > 128
+                or tree_mask.shape[1] > self.max_nodes
+            ):
+                raise ValueError(
+                    f"tree_slots [B, M<=128] and tree_mask [B, N<={self.max_nodes}, M], got "
+                    f"{tuple(tree_slots.shape)} and {tuple(tree_mask.shape)}"
+                )
             if tree_slots.dtype != torch.int64 or tree_mask.dtype != torch.bool:
                 raise ValueError("tree_slots must be int64 and tree_mask bool")
             if tree_slots.stride(1) != 1 or tree_mask.stride(2) != 1:
@@ -332,17 +574,46 @@ class HybridTreeAttention:
         b = prefix_lens.shape[0]
         n_pad = max(16, triton.next_power_of_2(tree_slots.shape[1]))
         _tree_merge_kernel[(b * self.m_tiles, self.hkv)](
-            q, k_cache, v_cache, qo_indptr, tree_lens, tree_slots, tree_mask,
-            o_prefix, lse_prefix, out, lse, scale,
-            q.stride(0), q.stride(1),
-            k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
-            tree_slots.stride(0), tree_mask.stride(0), tree_mask.stride(1),
-            o_prefix.stride(0), o_prefix.stride(1), 0,
-            lse_prefix.stride(0), lse_prefix.stride(1), 0,
-            out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-            GROUP=self.group, M_TILES=self.m_tiles, BLOCK_M=self.block_m, BLOCK_D=self.d,
-            NUM_SPLITS=1, HAS_TREE=True, N_PAD=n_pad,
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=q.device.type != "cuda",
+            q,
+            k_cache,
+            v_cache,
+            qo_indptr,
+            tree_lens,
+            tree_slots,
+            tree_mask,
+            o_prefix,
+            lse_prefix,
+            out,
+            lse,
+            scale,
+            1,
+            q.stride(0),
+            q.stride(1),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            v_cache.stride(1),
+            v_cache.stride(2),
+            tree_slots.stride(0),
+            tree_mask.stride(0),
+            tree_mask.stride(1),
+            o_prefix.stride(0),
+            o_prefix.stride(1),
+            0,
+            lse_prefix.stride(0),
+            lse_prefix.stride(1),
+            0,
+            out.stride(0),
+            out.stride(1),
+            lse.stride(0),
+            lse.stride(1),
+            GROUP=self.group,
+            M_TILES=self.m_tiles,
+            BLOCK_M=self.block_m,
+            BLOCK_D=self.d,
+            HAS_TREE=True,
+            N_PAD=n_pad,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            INTERPRET=q.device.type != "cuda",
             num_warps=self.num_warps,
         )
         return out
@@ -366,8 +637,12 @@ class HybridTreeAttention:
             raise ValueError(f"q and the cache must share a dtype among {_DTYPES}, got {q.dtype}/{k_cache.dtype}")
         if k_cache.shape != v_cache.shape or k_cache.dim() != 4 or k_cache.shape[2:] != (self.hkv, self.d):
             raise ValueError(f"k/v cache must be [pages, page_size, {self.hkv}, {self.d}], got {tuple(k_cache.shape)}")
-        if (k_cache.stride(3) != 1 or k_cache.stride(1) != self.hkv * self.d
-                or k_cache.stride(0) != k_cache.shape[1] * k_cache.stride(1) or v_cache.stride() != k_cache.stride()):
+        if (
+            k_cache.stride(3) != 1
+            or k_cache.stride(1) != self.hkv * self.d
+            or k_cache.stride(0) != k_cache.shape[1] * k_cache.stride(1)
+            or v_cache.stride() != k_cache.stride()
+        ):
             raise ValueError("k/v cache must be contiguous (tree keys are read by flat slot)")
         b = prefix_lens.shape[0]
         if out is None:
@@ -377,35 +652,90 @@ class HybridTreeAttention:
         interp = q.device.type != "cuda"
         prec = "ieee" if q.dtype == torch.float32 else "tf32"
         grid1 = (b * self.m_tiles, self.hkv, self.num_splits)
-        _tree_prefix_split_kernel[grid1](
-            q, k_cache, v_cache, qo_indptr, prefix_lens, page_tables, self.part_o, self.part_lse,
-            scale * _LOG2E, page_tables.shape[1], prefix_lens.stride(0),
-            q.stride(0), q.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        k1 = _tree_prefix_split_kernel[grid1](
+            q,
+            k_cache,
+            v_cache,
+            qo_indptr,
+            prefix_lens,
+            page_tables,
+            self.part_o,
+            self.part_lse,
+            scale * _LOG2E,
+            page_tables.shape[1],
+            prefix_lens.stride(0),
+            self.num_splits,
+            q.stride(0),
+            q.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            v_cache.stride(0),
+            v_cache.stride(1),
+            v_cache.stride(2),
             page_tables.stride(0),
-            self.part_o.stride(0), self.part_o.stride(1), self.part_o.stride(2),
-            self.part_lse.stride(0), self.part_lse.stride(1), self.part_lse.stride(2),
-            GROUP=self.group, M_TILES=self.m_tiles, BLOCK_M=self.block_m, BLOCK_D=self.d,
-            PAGE_SIZE=k_cache.shape[1], BLOCK_N=self.block_n, NUM_SPLITS=self.num_splits,
-            DOT_PRECISION=prec, INTERPRET=interp, num_warps=self.num_warps, num_stages=self.num_stages,
+            self.part_o.stride(0),
+            self.part_o.stride(1),
+            self.part_o.stride(2),
+            self.part_lse.stride(0),
+            self.part_lse.stride(1),
+            self.part_lse.stride(2),
+            GROUP=self.group,
+            M_TILES=self.m_tiles,
+            BLOCK_M=self.block_m,
+            BLOCK_D=self.d,
+            PAGE_SIZE=k_cache.shape[1],
+            BLOCK_N=self.block_n,
+            DOT_PRECISION=prec,
+            INTERPRET=interp,
+            num_warps=self.num_warps,
+            num_stages=self.num_stages,
         )
         has_tree = tree_slots is not None
         n_pad = max(16, triton.next_power_of_2(tree_slots.shape[1])) if has_tree else 16
         dummy = qo_indptr
-        _tree_merge_kernel[(b * self.m_tiles, self.hkv)](
-            q, k_cache, v_cache, qo_indptr, tree_lens if has_tree else dummy, tree_slots if has_tree else dummy,
+        k2 = _tree_merge_kernel[(b * self.m_tiles, self.hkv)](
+            q,
+            k_cache,
+            v_cache,
+            qo_indptr,
+            tree_lens if has_tree else dummy,
+            tree_slots if has_tree else dummy,
             tree_mask if has_tree else dummy,
-            self.part_o, self.part_lse, out, lse, scale,
-            q.stride(0), q.stride(1),
-            k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
+            self.part_o,
+            self.part_lse,
+            out,
+            lse,
+            scale,
+            self.num_splits,
+            q.stride(0),
+            q.stride(1),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            v_cache.stride(1),
+            v_cache.stride(2),
             tree_slots.stride(0) if has_tree else 0,
-            tree_mask.stride(0) if has_tree else 0, tree_mask.stride(1) if has_tree else 0,
-            self.part_o.stride(0), self.part_o.stride(1), self.part_o.stride(2),
-            self.part_lse.stride(0), self.part_lse.stride(1), self.part_lse.stride(2),
-            out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-            GROUP=self.group, M_TILES=self.m_tiles, BLOCK_M=self.block_m, BLOCK_D=self.d,
-            NUM_SPLITS=self.num_splits, HAS_TREE=has_tree, N_PAD=n_pad,
-            DOT_PRECISION=prec, INTERPRET=interp, num_warps=self.num_warps,
+            tree_mask.stride(0) if has_tree else 0,
+            tree_mask.stride(1) if has_tree else 0,
+            self.part_o.stride(0),
+            self.part_o.stride(1),
+            self.part_o.stride(2),
+            self.part_lse.stride(0),
+            self.part_lse.stride(1),
+            self.part_lse.stride(2),
+            out.stride(0),
+            out.stride(1),
+            lse.stride(0),
+            lse.stride(1),
+            GROUP=self.group,
+            M_TILES=self.m_tiles,
+            BLOCK_M=self.block_m,
+            BLOCK_D=self.d,
+            HAS_TREE=has_tree,
+            N_PAD=n_pad,
+            DOT_PRECISION=prec,
+            INTERPRET=interp,
+            num_warps=self.num_warps,
         )
+        self.compiled = (k1, k2)
         return out, lse

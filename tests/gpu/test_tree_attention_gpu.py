@@ -25,3 +25,17 @@ def test_tree_attention_full_size(dtype, ps, d, group, n):
     out, lse = run_kernel(c, d**-0.5, "cuda")
     ref_out, ref_lse = tree_attention_reference(scale=d**-0.5, **c)
     check(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("num_splits", [None, 1, 4, 7, 11, 16])
+@pytest.mark.parametrize("hq,hkv", [(32, 8), (12, 2)])
+def test_batch8_tree_split_counts(num_splits, hq, hkv):
+    """Batch 8 of 69-node trees (Llama-8B and Qwen2.5-1.5B attention shapes), the wave-aware default split
+    count and explicit ones (the count is a runtime kernel argument), against the fp32 reference."""
+    prefix_lens = [3000, 17, 2500, 0, 1200, 64, 2999, 700]
+    n_qs = [69, 69, 40, 69, 1, 69, 69, 12]
+    c = make_case(prefix_lens, n_qs, 69, hq, hkv, 128, 16, torch.bfloat16, "cuda", seed=hq + (num_splits or 0))
+    kw = {} if num_splits is None else {"num_splits": num_splits}
+    out, lse = run_kernel(c, 128**-0.5, "cuda", **kw)
+    ref_out, ref_lse = tree_attention_reference(scale=128**-0.5, **c)
+    check(out, lse, ref_out, ref_lse, torch.bfloat16)

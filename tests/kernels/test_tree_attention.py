@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from specray.kernels.reference_tree import tree_attention_reference
-from specray.kernels.tree_attention import HybridTreeAttention
+from specray.kernels.tree_attention import HybridTreeAttention, choose_tree_splits, estimate_ctas_per_sm
 
 TOL = {torch.float32: 1e-3, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
@@ -42,8 +42,16 @@ def make_case(prefix_lens, n_qs, n_max, hq, hkv, d, ps, dtype, device, seed=0, w
         pos = torch.arange(p, p + n)
         slots[i, :n] = tables[i].long()[pos // ps] * ps + pos % ps
         mask[i, :n, :n] = random_tree_mask(n, gen)
-    args = dict(q=q, k_cache=k, v_cache=v, qo_indptr=indptr, prefix_lens=torch.tensor(prefix_lens, dtype=torch.int32),
-                page_tables=tables, tree_slots=slots if with_tree else None, tree_mask=mask if with_tree else None)
+    args = dict(
+        q=q,
+        k_cache=k,
+        v_cache=v,
+        qo_indptr=indptr,
+        prefix_lens=torch.tensor(prefix_lens, dtype=torch.int32),
+        page_tables=tables,
+        tree_slots=slots if with_tree else None,
+        tree_mask=mask if with_tree else None,
+    )
     return {key: (val.to(device) if isinstance(val, torch.Tensor) else val) for key, val in args.items()}
 
 
@@ -108,11 +116,18 @@ def test_bad_inputs_are_named():
         att.run(torch.zeros(2, 8, 64), torch.zeros(4, 16, 2, 64), torch.zeros(4, 16, 2, 64), 1.0)
     with pytest.raises(ValueError, match="prefix_lens"):
         att.plan(torch.tensor([0, 1], dtype=torch.int32), torch.tensor([3]), torch.zeros(1, 2, dtype=torch.int32))
-    att.plan(torch.tensor([0, 1], dtype=torch.int32), torch.tensor([3], dtype=torch.int32),
-             torch.zeros(1, 2, dtype=torch.int32))
+    att.plan(
+        torch.tensor([0, 1], dtype=torch.int32),
+        torch.tensor([3], dtype=torch.int32),
+        torch.zeros(1, 2, dtype=torch.int32),
+    )
     with pytest.raises(ValueError, match="dtype"):
-        att.run(torch.zeros(1, 8, 64), torch.zeros(4, 16, 2, 64, dtype=torch.bfloat16),
-                torch.zeros(4, 16, 2, 64, dtype=torch.bfloat16), 1.0)
+        att.run(
+            torch.zeros(1, 8, 64),
+            torch.zeros(4, 16, 2, 64, dtype=torch.bfloat16),
+            torch.zeros(4, 16, 2, 64, dtype=torch.bfloat16),
+            1.0,
+        )
 
 
 def test_tree_drafting_queries_subset_of_keys():
@@ -132,8 +147,18 @@ def test_tree_drafting_queries_subset_of_keys():
     att.plan(indptr, c["prefix_lens"], c["page_tables"], c["tree_slots"], mask, tree_lens)
     out = torch.full_like(q, float("nan"))
     out, lse = att.run(q, c["k_cache"], c["v_cache"], 0.125, out=out)
-    ref_out, ref_lse = tree_attention_reference(q, c["k_cache"], c["v_cache"], indptr, c["prefix_lens"],
-                                                c["page_tables"], c["tree_slots"], mask, 0.125, tree_lens)
+    ref_out, ref_lse = tree_attention_reference(
+        q,
+        c["k_cache"],
+        c["v_cache"],
+        indptr,
+        c["prefix_lens"],
+        c["page_tables"],
+        c["tree_slots"],
+        mask,
+        0.125,
+        tree_lens,
+    )
     check(out, lse, ref_out, ref_lse, torch.float32)
 
 
@@ -151,3 +176,33 @@ def test_merge_with_prefix_equals_full_reference(dtype):
     ref_out, _ = tree_attention_reference(scale=0.125, **c)
     assert out.dtype == dtype
     assert (out.float() - ref_out).abs().max() / ref_out.abs().max() <= TOL[dtype]
+
+
+def test_wave_aware_split_choice():
+    """choose_tree_splits on H100 sizes (132 SMs, 2 resident programs per SM): the batch-1 picks the sweeps
+    measured best, whole waves at batch 8, the bounds, and at least 4 KV blocks per split."""
+    llama_rows, qwen_rows = 3 * 8, 7 * 2  # row tiles x kv heads of one 69-node tree (128- / 64-row tiles)
+    assert choose_tree_splits(llama_rows, 16384, 132, 32) == 11
+    assert choose_tree_splits(qwen_rows, 16384, 132, 64) == 19
+    assert choose_tree_splits(8 * llama_rows, 16384, 132, 32) == 4  # 768 programs: 2.9 waves of 264
+    assert choose_tree_splits(8 * qwen_rows, 16384, 132, 64) == 7  # 784 programs: 2.97 waves
+    assert choose_tree_splits(4096, 1 << 17, 132, 32) == 1  # a big batch fills the GPU alone
+    assert choose_tree_splits(1, 100, 132, 64) == 1  # too short to split
+    assert choose_tree_splits(1, 1 << 20, 132, 64, max_splits=8) == 8
+    for programs in (1, 5, 24, 100, 500):
+        for prefix in (0, 300, 5000, 70000):
+            s = choose_tree_splits(programs, prefix, 132, 64)
+            blocks = -(-prefix // 64)
+            assert 1 <= s <= 32 and (s == 1 or -(-blocks // s) >= 4)
+    assert estimate_ctas_per_sm(128, 32, 8, 3, 128) == 2 and estimate_ctas_per_sm(64, 32, 4, 2, 128) == 4
+    with pytest.raises(ValueError):
+        choose_tree_splits(0, 100)
+
+
+def test_many_splits_with_empty_ones():
+    """More splits than KV blocks for the short sequences (empty splits merge as -inf), runtime split count."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    c = make_case([70, 3, 0], [4, 2, 3], 4, 8, 2, 64, 16, torch.float32, device, seed=8)
+    out, lse = run_kernel(c, 0.125, device, num_splits=7, block_m=16)
+    ref_out, ref_lse = tree_attention_reference(scale=0.125, **c)
+    check(out, lse, ref_out, ref_lse, torch.float32)
