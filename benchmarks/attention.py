@@ -6,10 +6,9 @@ Parts (``--parts``):
   verify  69-node tree verification: ours vs torch SDPA with an explicit boolean mask (K/V given
           contiguous and pre-expanded to the query heads, so SDPA moves no page-gather bytes) vs
           FlexAttention with a block mask (compiled), on the same inputs.
-  decode  N = 1, batch 1 and 8: our paged split-KV decode kernel at its default split count, with the
-          split merge fused into the kernel (one launch) and with the separate merge kernel (two
-          launches), vs SDPA (contiguous K/V, enable_gqa).
-  decode_sweep  N = 1, batch 1: splits x (block_n, warps, stages) x {fused, two-launch} merge, vs SDPA.
+  decode  N = 1, batch 1 and 8: our paged split-KV decode kernel (split kernel + merge kernel) at its
+          default split count vs SDPA (contiguous K/V, enable_gqa).
+  decode_sweep  N = 1, batch 1: our decode kernel over splits x (block_n, warps, stages), the best vs SDPA.
   tune_b8 69-node tree verification at batch 8 (--b8-contexts): splits x launch shapes (block_m,
           block_n, warps, stages) next to FlexAttention and SDPA with a mask, measured in the same run;
           also the default (wave-aware split count) and the old split rule.
@@ -46,10 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.decode import copy_bandwidth  # noqa: E402
-from specray.kernels.paged_decode import (  # noqa: E402
-    PagedDecodeAttention,
-    choose_num_splits,
-)
+from specray.kernels.paged_decode import PagedDecodeAttention, choose_num_splits  # noqa: E402
 from specray.kernels.tree_attention import HybridTreeAttention, default_tiles  # noqa: E402
 
 SHAPES = {"llama8b": (32, 8, 128), "qwen1.5b": (12, 2, 128)}
@@ -349,7 +345,7 @@ def empty_cache() -> None:
 
 
 def part_decode(args, rows):
-    """Batch 1 and 8 at the default split count: fused merge (one launch) and two launches vs SDPA."""
+    """Batch 1 and 8 at the default split count vs SDPA."""
     table = []
     for name, (hq, hkv, d) in SHAPES.items():
         for b in (1, 8):
@@ -361,12 +357,8 @@ def part_decode(args, rows):
                 q = torch.randn(b, hq, d, dtype=DT, device=DEV)
                 lens = torch.full((b,), ctx, dtype=torch.int32, device=DEV)
                 scale = d**-0.5
-                times = {}
-                for mode in ("fused", "two_launch"):
-                    dec = PagedDecodeAttention(b, hq, hkv, d, splits, DEV, fused_merge=mode == "fused")
-                    times[mode] = bench_graph(lambda i: dec.run(q, inp.k[i], inp.v[i], inp.tables, lens, scale), nl)
-                auto_fused = False  # the default merge is the two-launch one
-                t_ours = times["two_launch"]
+                dec = PagedDecodeAttention(b, hq, hkv, d, splits, DEV)
+                t_ours = bench_graph(lambda i: dec.run(q, inp.k[i], inp.v[i], inp.tables, lens, scale), nl)
                 floor = per_layer / args.copy_bw
                 row = dict(
                     part="decode",
@@ -375,10 +367,7 @@ def part_decode(args, rows):
                     ctx=ctx,
                     bytes=per_layer,
                     splits=splits,
-                    auto_fused=auto_fused,
                     ours_us=t_ours * 1e6,
-                    fused_us=times["fused"] * 1e6,
-                    two_launch_us=times["two_launch"] * 1e6,
                     bw_frac=floor / t_ours,
                 )
                 kd, vd = inp.dense(0, ctx)
@@ -393,29 +382,23 @@ def part_decode(args, rows):
                     row["sdpa_us"] = t_sdpa * 1e6
                     row["sdpa_bw_frac"] = floor / t_sdpa
                     row["speedup_vs_sdpa"] = t_sdpa / t_ours
-                    row["fused_speedup_vs_sdpa"] = t_sdpa / times["fused"]
-                    row["two_launch_speedup_vs_sdpa"] = t_sdpa / times["two_launch"]
                 except Exception as e:  # noqa: BLE001
                     row["sdpa_error"] = f"{type(e).__name__}: {str(e)[:100]}"
                 rows.append(row)
                 sdpa = row.get("sdpa_us", float("nan"))
                 print(
-                    f"decode {name} B={b} ctx={ctx} S={splits}: fused {times['fused'] * 1e6:.1f} us, two-launch "
-                    f"{times['two_launch'] * 1e6:.1f} us ({floor / t_ours:.1%} bw), sdpa {sdpa:.1f} us"
+                    f"decode {name} B={b} ctx={ctx} S={splits}: ours {t_ours * 1e6:.1f} us "
+                    f"({floor / t_ours:.1%} bw), sdpa {sdpa:.1f} us"
                 )
-                table.append(
-                    [name, b, ctx, splits, row["fused_us"], row["two_launch_us"], sdpa,
-                     f"{sdpa / row['fused_us']:.2f}", f"{sdpa / row['two_launch_us']:.2f}",
-                     "fused" if auto_fused else "two"]
-                )  # fmt: skip
+                table.append([name, b, ctx, splits, t_ours * 1e6, sdpa, f"{sdpa / (t_ours * 1e6):.2f}"])
                 inp = kd = vd = None
                 empty_cache()
-    header = ["shape", "B", "ctx", "S", "fused µs", "2-launch µs", "SDPA µs", "SDPA÷fused", "SDPA÷2-launch", "auto"]
-    print_table("decode: default splits, fused vs two-launch merge vs SDPA", header, table)
+    header = ["shape", "B", "ctx", "S", "ours µs", "SDPA µs", "SDPA÷ours"]
+    print_table("decode: default splits vs SDPA", header, table)
 
 
 def part_decode_sweep(args, rows):
-    """Batch-1 decode: splits x (block_n, warps, stages) x merge mode; the best of each mode vs SDPA."""
+    """Batch-1 decode: splits x (block_n, warps, stages); the default and the best vs SDPA."""
     table = []
     for name, (hq, hkv, d) in SHAPES.items():
         for ctx in args.contexts:
@@ -435,52 +418,44 @@ def part_decode_sweep(args, rows):
             default = choose_num_splits(1, hkv, ctx)
             cap = max(1, -(-ctx // 128))  # choose_num_splits' shortest split: 128 tokens
             splits = sorted({s for s in args.decode_splits if s <= cap} | {default})
-            best: dict[str, tuple[float, dict]] = {}
+            best: tuple[float, dict] | None = None
+            t_default = None
             skipped = 0
             for bn, w, st in DECODE_SWEEP_SHAPES:
                 for sp in splits:
-                    for fused in (True, False):
-                        if sp == 1 and not fused:
-                            continue  # one split: no merge, the same launch either way
-                        if over_budget(args):
-                            skipped += 1
-                            continue
-                        cfg = dict(block_n=bn, num_warps=w, num_stages=st, splits=sp, fused=fused)
-                        dec = PagedDecodeAttention(
-                            1, hq, hkv, d, sp, DEV, block_n=bn, num_warps=w, num_stages=st, fused_merge=fused
-                        )
-                        try:
-                            t = bench_graph(lambda i: dec.run(q, inp.k[i], inp.v[i], inp.tables, lens, scale), nl)
-                        except Exception as e:  # noqa: BLE001
-                            print(f"  decode_sweep {name} {ctx} {cfg}: {e!s:.80}")
-                            continue
-                        rows.append(
-                            dict(part="decode_sweep", shape=name, ctx=ctx, batch=1, **cfg, us=t * 1e6,
-                                 sdpa_us=t_sdpa * 1e6, bw_frac=per_layer / args.copy_bw / t)
-                        )  # fmt: skip
-                        mode = "fused" if fused else "two_launch"
-                        if mode not in best or t < best[mode][0]:
-                            best[mode] = (t, cfg)
+                    if over_budget(args):
+                        skipped += 1
+                        continue
+                    cfg = dict(block_n=bn, num_warps=w, num_stages=st, splits=sp)
+                    dec = PagedDecodeAttention(1, hq, hkv, d, sp, DEV, block_n=bn, num_warps=w, num_stages=st)
+                    try:
+                        t = bench_graph(lambda i: dec.run(q, inp.k[i], inp.v[i], inp.tables, lens, scale), nl)
+                    except Exception as e:  # noqa: BLE001
+                        print(f"  decode_sweep {name} {ctx} {cfg}: {e!s:.80}")
+                        continue
+                    rows.append(
+                        dict(part="decode_sweep", shape=name, ctx=ctx, batch=1, **cfg, us=t * 1e6,
+                             sdpa_us=t_sdpa * 1e6, bw_frac=per_layer / args.copy_bw / t)
+                    )  # fmt: skip
+                    if sp == default and (bn, w, st) == (64, 4, 2):
+                        t_default = t
+                    if best is None or t < best[0]:
+                        best = (t, cfg)
             if skipped:
                 print(f"  decode_sweep {name} ctx={ctx}: {skipped} configs skipped (--deadline-s)")
-            dflt = [r for r in rows if r["part"] == "decode_sweep" and r["shape"] == name and r["ctx"] == ctx
-                    and r["splits"] == default and (r["block_n"], r["num_warps"], r["num_stages"]) == (64, 4, 2)
-                    and not r["fused"]]  # fmt: skip
-            line = [name, ctx, t_sdpa * 1e6, f"{dflt[0]['us']:.1f} (S={default})" if dflt else "—"]
-            for mode in ("fused", "two_launch"):
-                if mode in best:
-                    t, cfg = best[mode]
-                    line += [t * 1e6, f"S={cfg['splits']} bn={cfg['block_n']} w={cfg['num_warps']} "
-                             f"st={cfg['num_stages']}", f"{t_sdpa / t:.2f}"]  # fmt: skip
-                else:
-                    line += ["—", "—", "—"]
+            line = [name, ctx, t_sdpa * 1e6, f"{t_default * 1e6:.1f} (S={default})" if t_default is not None else "—"]
+            if best is not None:
+                t, cfg = best
+                line += [t * 1e6, f"S={cfg['splits']} bn={cfg['block_n']} w={cfg['num_warps']} "
+                         f"st={cfg['num_stages']}", f"{t_sdpa / t:.2f}"]  # fmt: skip
+            else:
+                line += ["—", "—", "—"]
             table.append(line)
             print(f"decode_sweep {name} ctx={ctx}: sdpa {t_sdpa * 1e6:.1f} us, best {best}")
             inp = None
             empty_cache()
-    header = ["shape", "ctx", "SDPA µs", "default µs", "best fused µs", "fused cfg", "SDPA÷fused",
-              "best 2-launch µs", "2-launch cfg", "SDPA÷2-launch"]  # fmt: skip
-    print_table("decode_sweep (batch 1): best launch per merge mode", header, table)
+    header = ["shape", "ctx", "SDPA µs", "default µs", "best µs", "best cfg", "SDPA÷best"]
+    print_table("decode_sweep (batch 1): default and best launch vs SDPA", header, table)
 
 
 def old_tree_splits(rows_programs: int, max_prefix: int, num_sms: int, block_n: int) -> int:

@@ -3,13 +3,9 @@
 
 sparse: UNIQUE sparse page attention (512-token budget; scoring, top-k selection and attention all inside
         the timed region; page statistics precomputed, as the engine updates them only when a page fills)
-        through every pipeline of ``SparsePageAttention`` -- "legacy" (score, select, merge-selection, attend,
-        split-merge launches), "fused2" (score+select, attend+merge) and "fused1" (one launch) -- vs our dense
+        (``SparsePageAttention``: score, select, merge-selection, attend, split-merge launches) vs our dense
         split-KV decode kernel over the same paged cache, one query token per sequence. Llama-3.1-8B (32 q / 8
         kv heads) and Qwen2.5-1.5B (12 / 2) shapes, d 128, bf16, page 16, batch 1 and 8, 32K and 128K.
-        Each fused output is compared with the legacy output on the same inputs (max relative error per row
-        and head, printed and stored), so a GPU-only fault shows up here too. A short sweep of the fused score
-        chunk follows (``--no-tune`` skips it).
 chunk:  Cross-model Retrieval chunk scores (one query per sequence over one layer's keys) vs one
         single-query dense decode pass over the same cache.
 
@@ -45,10 +41,6 @@ from specray.kernels.chunk_scores import ChunkScores  # noqa: E402
 from specray.kernels.paged_decode import PagedDecodeAttention, choose_num_splits  # noqa: E402
 from specray.kernels.sparse_pages import PageStats, SparsePageAttention  # noqa: E402
 
-PIPELINES = ("legacy", "fused2", "fused1")
-# (shape, batch, context, score chunks to try besides the heuristic's) for the fused chunk sweep
-TUNE = (("llama8b", 1, 32768, (128,)), ("llama8b", 1, 131072, (128,)), ("llama8b", 8, 131072, (128,)))
-
 
 def _inputs(b, ctx, hq, hkv, d, min_stats_layers=True):
     per_layer = kv_bytes(b, ctx, hkv, d)
@@ -59,37 +51,18 @@ def _inputs(b, ctx, hq, hkv, d, min_stats_layers=True):
     return PagedInputs(b, ctx, hq, hkv, d, nl, extra=0), nl, per_layer
 
 
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """Largest relative L2 error over (row, head) of out against ref ([B, Hq, D])."""
-    o, r = out.float(), ref.float()
-    return ((o - r).norm(dim=-1) / r.norm(dim=-1).clamp_min(1e-6)).max().item()
-
-
-def _time_sparse(sp, q, inp, stats, scale, nl, ref=None):
-    """(seconds per layer, relative error of layer 0's output against ``ref`` or None, lse of layer 0)."""
-    out, lse = sp.run(q, inp.k[0], inp.v[0], stats.layer(0), scale)
-    err = None if ref is None else _rel_err(out, ref)
-    out = out.clone()
-    t = bench_graph(lambda i: sp.run(q, inp.k[i], inp.v[i], stats.layer(i), scale), nl)
-    return t, err, out
-
-
 def _plan_info(sp) -> dict:
     p = sp._plan
-    info = dict(splits=p["num_splits"], blocks_per_split=p["blocks_per_split"])
-    if "num_chunks" in p:
-        info |= dict(chunk=p["score_chunk"], chunks=p["num_chunks"], score_warps=p["score_warps"])
-    return info
+    return dict(splits=p["num_splits"], blocks_per_split=p["blocks_per_split"])
 
 
 def part_sparse(args, rows, budget=512):
-    if getattr(attention_bench, "DRY", False):
+    if getattr(args, "dry_run", False) or getattr(attention_bench, "DRY", False):  # run as a script: DRY is __main__'s
         print("sparse: skipped in a dry run")
         return
-    pipelines = getattr(args, "pipelines", PIPELINES)
     batches = getattr(args, "batches", (1, 8))
     shapes = getattr(args, "shapes", tuple(SHAPES))
-    table = []
+    lines = []
     # latency floor: one tiny kernel per layer in the same graph-replay timing (what each extra launch costs)
     x = torch.zeros(1, device="cuda")
     t_floor = bench_graph(lambda i: x.add_(1), 8)
@@ -108,99 +81,29 @@ def part_sparse(args, rows, budget=512):
                 t_dense = bench_graph(lambda i: dec.run(q, inp.k[i], inp.v[i], inp.tables, lens, scale), nl)
                 stats = PageStats(inp.k, mean_dtype=DT)
                 stats.update_all(inp.tables.reshape(-1).contiguous())
+                sp = SparsePageAttention(b, hq, hkv, d, PS, inp.tables.shape[1], "cuda", budget_tokens=budget)
+                sp.plan(inp.tables, lens)
+                t_sparse = bench_graph(lambda i: sp.run(q, inp.k[i], inp.v[i], stats.layer(i), scale), nl)
                 sparse_bytes = b * hkv * (budget * d * 2 * 2 + (ctx // PS) * (d * 2 + 4))  # K/V kept + stats
                 row = dict(part="sparse", shape=name, batch=b, ctx=ctx, budget=budget, layers=nl,
-                           dense_us=t_dense * 1e6, sparse_bytes=sparse_bytes,
-                           dense_bw_frac=per_layer / args.copy_bw / t_dense)  # fmt: skip
-                ref = None
-                for pipe in pipelines:
-                    sp = SparsePageAttention(b, hq, hkv, d, PS, inp.tables.shape[1], "cuda", budget_tokens=budget,
-                                             pipeline=pipe)  # fmt: skip
-                    sp.plan(inp.tables, lens)
-                    try:
-                        t, err, out = _time_sparse(sp, q, inp, stats, scale, nl, ref)
-                    except Exception as e:  # noqa: BLE001 -- report, keep the other pipelines
-                        row[f"{pipe}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-                        print(f"  {name} B={b} ctx={ctx} {pipe}: failed {row[f'{pipe}_error']}")
-                        continue
-                    if ref is None:
-                        ref = out
-                    else:
-                        row[f"{pipe}_rel_err_vs_{pipelines[0]}"] = err
-                    row[f"{pipe}_us"] = t * 1e6
-                    row[f"{pipe}_speedup"] = t_dense / t
-                    row[f"{pipe}_bw_frac"] = sparse_bytes / args.copy_bw / t
-                    row[f"{pipe}_plan"] = _plan_info(sp)
-                    sp = None
-                fused = [p for p in pipelines if p != "legacy" and f"{p}_us" in row]
-                if fused:
-                    best = min(fused, key=lambda p: row[f"{p}_us"])
-                    row |= dict(best=best, sparse_us=row[f"{best}_us"], speedup=row[f"{best}_speedup"],
-                                sparse_bw_frac=row[f"{best}_bw_frac"])  # fmt: skip
-                row["seconds"] = time.time() - t_cfg
+                           dense_us=t_dense * 1e6, sparse_us=t_sparse * 1e6, speedup=t_dense / t_sparse,
+                           dense_bw_frac=per_layer / args.copy_bw / t_dense, sparse_bytes=sparse_bytes,
+                           sparse_bw_frac=sparse_bytes / args.copy_bw / t_sparse, plan=_plan_info(sp),
+                           seconds=time.time() - t_cfg)  # fmt: skip
                 rows.append(row)
-                table.append(row)
-                us = "  ".join(f"{p} {row.get(f'{p}_us', float('nan')):.1f}" for p in pipelines)
-                errs = " ".join(f"{k.split('_')[0]}={v:.1e}" for k, v in row.items() if "_rel_err_" in k)
-                print(f"sparse {name} B={b} ctx={ctx}: dense {t_dense * 1e6:.1f} us | {us} us | "
-                      f"best {row.get('best')} {row.get('speedup', float('nan')):.1f}x | err {errs} | "
+                lines.append([name, b, ctx // 1024, row["dense_us"], row["sparse_us"], row["speedup"],
+                              f"{row['sparse_bw_frac']:.1%}", row["plan"]["splits"]])  # fmt: skip
+                print(f"sparse {name} B={b} ctx={ctx}: dense {t_dense * 1e6:.1f} us, sparse {t_sparse * 1e6:.1f} us"
+                      f" ({row['speedup']:.1f}x), sparse at {row['sparse_bw_frac']:.1%} of copy bw | "
                       f"{row['seconds']:.0f} s", flush=True)  # fmt: skip
                 _checkpoint(args, rows)
-                inp = stats = ref = None
+                inp = stats = sp = None
                 torch.cuda.empty_cache()
-    _print_sparse_table(table, pipelines)
-    if getattr(args, "tune", True):
-        _tune_chunks(args, rows)
-
-
-def _tune_chunks(args, rows, budget=512):
-    """Fused pipelines with score chunks other than the heuristic's, on a few configurations."""
-    lines = []
-    for name, b, ctx, chunks in TUNE:
-        if name not in SHAPES or ctx not in args.sparse_contexts:
-            continue
-        hq, hkv, d = SHAPES[name]
-        inp, nl, _ = _inputs(b, ctx, hq, hkv, d)
-        scale = d**-0.5
-        q = torch.randn(b, hq, d, dtype=DT, device="cuda")
-        lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
-        stats = PageStats(inp.k, mean_dtype=DT)
-        stats.update_all(inp.tables.reshape(-1).contiguous())
-        for pipe in ("fused2", "fused1"):
-            for chunk in chunks:
-                sp = SparsePageAttention(b, hq, hkv, d, PS, inp.tables.shape[1], "cuda", budget_tokens=budget,
-                                         pipeline=pipe, max_candidates=4096)  # fmt: skip
-                try:
-                    sp.plan(inp.tables, lens, score_chunk=chunk)
-                    t, _, _ = _time_sparse(sp, q, inp, stats, scale, nl)
-                except Exception as e:  # noqa: BLE001
-                    print(f"  tune {name} B={b} ctx={ctx} {pipe} chunk {chunk}: failed {type(e).__name__}: {e!s:.120}")
-                    continue
-                r = dict(part="sparse_tune", shape=name, batch=b, ctx=ctx, pipeline=pipe, us=t * 1e6,
-                         **_plan_info(sp))  # fmt: skip
-                rows.append(r)
-                lines.append([name, b, ctx // 1024, pipe, r["chunk"], r["chunks"], r["splits"], r["us"]])
-                _checkpoint(args, rows)
-        inp = stats = None
-        torch.cuda.empty_cache()
-    if lines:
-        _table("sparse score-chunk sweep (heuristic's chunk in the main table)",
-               ["shape", "B", "ctx K", "pipeline", "chunk", "chunks", "splits", "us"], lines)  # fmt: skip
-
-
-def _print_sparse_table(table, pipelines):
-    header = ["shape", "B", "ctx K", "dense us", *(f"{p} us" for p in pipelines), *(f"{p} x" for p in pipelines)]
-    header += ["fused chunk/chunks/splits"]
-    lines = []
-    for r in table:
-        plan = r.get("fused2_plan") or r.get("fused1_plan") or {}
-        lines.append(
-            [r["shape"], r["batch"], r["ctx"] // 1024, r["dense_us"]]
-            + [r.get(f"{p}_us", float("nan")) for p in pipelines]
-            + [r.get(f"{p}_speedup", float("nan")) for p in pipelines]
-            + [f"{plan.get('chunk')}/{plan.get('chunks')}/{plan.get('splits')}"]
-        )
-    _table("UNIQUE sparse page attention, 512-token budget (us per layer; x = dense / sparse)", header, lines)
+    _table(
+        "UNIQUE sparse page attention, 512-token budget (us per layer; x = dense / sparse)",
+        ["shape", "B", "ctx K", "dense us", "sparse us", "x", "sparse bw", "splits"],
+        lines,
+    )
 
 
 def _table(title, header, lines):
@@ -220,6 +123,9 @@ def _checkpoint(args, rows):
 
 
 def part_chunk(args, rows):
+    if getattr(args, "dry_run", False) or getattr(attention_bench, "DRY", False):
+        print("chunk: skipped in a dry run")
+        return
     for name, (hq, hkv, d) in SHAPES.items():
         for b in (1, 8):
             for ctx in args.contexts:
@@ -262,9 +168,6 @@ def main() -> None:
                     help="chunk part contexts")  # fmt: skip
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    ap.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=list(PIPELINES),
-                    help="the first one is the reference of the rel_err columns")  # fmt: skip
-    ap.add_argument("--no-tune", dest="tune", action="store_false", help="skip the fused score-chunk sweep")
     ap.add_argument("--out", default="attention_sparse.json")
     args = ap.parse_args()
     args.t0 = time.time()

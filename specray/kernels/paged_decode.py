@@ -1,11 +1,9 @@
-"""Split-KV (flash-decoding style) paged decode attention in Triton, with an in-kernel split merge.
+"""Split-KV (flash-decoding style) paged decode attention in Triton.
 
-Data owned here: ``PagedDecodeAttention`` owns one workspace, allocated once at construction and reused
-by every call (and every layer, since calls on one stream run one after another):
-    partial_out:  [max_batch_size, num_q_heads, num_splits, head_dim] fp32, per-split normalised output
-    partial_lse:  [max_batch_size, num_q_heads, num_splits] fp32, per-split natural-log LSE (-inf if empty)
-    merge_counts: [max_batch_size, num_kv_heads] int32 arrival counters of the fused merge; zeroed once
-                  here, and every launch leaves them at zero again (see below)
+Data owned here: ``PagedDecodeAttention`` owns one fp32 workspace, allocated once at construction
+and reused by every call (and every layer, since calls on one stream run one after another):
+    partial_out: [max_batch_size, num_q_heads, num_splits, head_dim] fp32, per-split normalised output
+    partial_lse: [max_batch_size, num_q_heads, num_splits] fp32, per-split natural-log LSE (-inf if empty)
 The KV cache, page tables, sequence lengths and outputs belong to the caller.
 
 Layout (shared with ``specray.kernels.reference.paged_decode_reference``):
@@ -14,26 +12,14 @@ Layout (shared with ``specray.kernels.reference.paged_decode_reference``):
     page_tables: [B, P] int32 page ids; padding past a sequence's last page is never read
     seq_lens:    [B] int32 number of valid KV tokens (the decoded token's own K/V already written)
 
-The split kernel runs one program per (sequence, kv head, split). It loads the G query heads of its GQA
-group as one [G_PAD, D] tile (G padded to a power of two >= 16 so ``tl.dot`` gets legal shapes), walks its
-share of the sequence's visible KV in blocks of BLOCK_N tokens (page ids gathered per token from the page
-table, so a block may span several pages or part of one), and keeps an fp32 online softmax. The split
-ranges are computed inside the kernel from ``seq_lens`` read from device memory, so the launch grid and
-every shape depend only on static sizes: a call does no host sync and can be captured in a CUDA graph.
-
-Merging the splits (``fused_merge``):
-  fused, one launch: every split program stores its partial (out, lse), waits at a CTA barrier, and then
-      one thread adds 1 to the counter of its (sequence, kv head) with an acq_rel atomic at GPU scope. The
-      program that reads num_splits - 1 arrived last: the release/acquire pair makes every other split's
-      partial visible to it. It resets the counter to 0 (no other program of this launch touches it
-      again, and the next launch on the stream starts after this one ends, so the workspace is reusable
-      across calls and CUDA-graph replays), reads the G * S partials through L2 (``.cg``) and writes the
-      final out and lse of its G heads.
-  two launches: ``_merge_splits_kernel`` (one program per (sequence, q head)) merges after the split
-      kernel. The fused merge saves a launch but one program reads all G * S partial rows of its group,
-      so with many splits per group the separate, wider merge kernel is faster: it is the default (H100:
-      the fused merge ran at 0.70-1.00x of the two launches at batch 1, equal at batch 8).
-With one split, the split kernel writes the final output directly and nothing is merged.
+Kernel 1 runs one program per (sequence, kv head, split). It loads the G query heads of its GQA group
+as one [G_PAD, D] tile (G padded to a power of two >= 16 so ``tl.dot`` gets legal shapes), walks its
+share of the sequence's visible KV in blocks of BLOCK_N tokens (page ids gathered per token from the
+page table, so a block may span several pages or part of one), and keeps an fp32 online softmax.
+The split ranges are computed inside the kernel from ``seq_lens`` read from device memory, so the
+launch grid and every shape depend only on static sizes: a call does no host sync and can be captured
+in a CUDA graph. Kernel 2 merges the splits by their LSE. With one split, kernel 1 writes the final
+output directly and kernel 2 is skipped.
 """
 
 from __future__ import annotations
@@ -46,10 +32,6 @@ __all__ = ["PagedDecodeAttention", "choose_num_splits"]
 
 _LOG2E = 1.4426950408889634
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Split-kernel output modes (constexpr MODE).
-_DIRECT, _PARTIALS, _FUSED = 0, 1, 2
-# fp32 elements of one fused-merge tile [MERGE_HEADS, MERGE_SPLITS, BLOCK_D] per 4 warps (64 registers/thread).
-_MERGE_TILE_ELEMS = 8192
 
 
 def choose_num_splits(
@@ -140,128 +122,17 @@ def _attend_block(
 
 
 @triton.jit
-def _merge_chunk(
-    m,  # [MERGE_HEADS] fp32 running max of the merged LSEs (natural log)
-    den,  # [MERGE_HEADS] fp32 running sum of exp(lse - m)
-    acc,  # [MERGE_HEADS, BLOCK_D] fp32 running weighted sum of partial outputs
-    s0,  # first split of this chunk
-    part_o_row,  # [MERGE_HEADS, 1, 1] pointers: partial outputs of the merged heads, split 0, d 0
-    part_lse_row,  # [MERGE_HEADS, 1] pointers: partial LSEs of the merged heads, split 0
-    h_mask,  # [MERGE_HEADS] real heads of the group
-    num_splits,
-    stride_os,
-    stride_ls,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    MERGE_SPLITS: tl.constexpr,
-):
-    """Online LSE merge of splits s0 .. s0 + MERGE_SPLITS - 1 into (m, den, acc)."""
-    offs_s = s0 + tl.arange(0, MERGE_SPLITS)
-    offs_d = tl.arange(0, BLOCK_D)
-    hs_mask = h_mask[:, None] & (offs_s[None, :] < num_splits)  # [MERGE_HEADS, MERGE_SPLITS]
-    # .cg: read through L2, never a stale L1 line (the partials were written by other SMs)
-    lse_s = tl.load(
-        part_lse_row + offs_s[None, :] * stride_ls, mask=hs_mask, other=float("-inf"), cache_modifier=".cg"
-    )  # [MERGE_HEADS, MERGE_SPLITS]
-    o_mask = hs_mask[:, :, None]
-    if BLOCK_D != HEAD_DIM:
-        o_mask = o_mask & (offs_d[None, None, :] < HEAD_DIM)
-    o_s = tl.load(
-        part_o_row + offs_s[None, :, None] * stride_os + offs_d[None, None, :],
-        mask=o_mask,
-        other=0.0,
-        cache_modifier=".cg",
-    )  # [MERGE_HEADS, MERGE_SPLITS, BLOCK_D]
-    m_new = tl.maximum(m, tl.max(lse_s, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # finite while every split so far is empty
-    alpha = tl.exp(m - m_safe)
-    w = tl.exp(lse_s - m_safe[:, None])  # 0 for empty or masked splits
-    den = den * alpha + tl.sum(w, axis=1)
-    acc = acc * alpha[:, None] + tl.sum(o_s * w[:, :, None], axis=1)
-    return m_new, den, acc
-
-
-@triton.jit
-def _fused_group_merge(
-    part_o_ptr,  # [B, Hq, S, D] fp32
-    part_lse_ptr,  # [B, Hq, S] fp32
-    o_ptr,  # [B, Hq, D] final output
-    lse_ptr,  # [B, Hq] fp32 final lse
-    batch_idx,
-    kv_head,
-    num_splits,
-    stride_ob,
-    stride_oh,
-    stride_os,
-    stride_lb,
-    stride_lh,
-    stride_ls,
-    stride_fob,
-    stride_foh,
-    stride_flb,
-    stride_flh,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    GROUP: tl.constexpr,
-    MERGE_HEADS: tl.constexpr,
-    MERGE_SPLITS: tl.constexpr,
-    INTERPRET: tl.constexpr,
-):
-    """Merge the num_splits partials of the G heads of one (sequence, kv head) and write out / lse."""
-    b64 = batch_idx.to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    for h0 in tl.static_range(0, GROUP, MERGE_HEADS):
-        hh = h0 + tl.arange(0, MERGE_HEADS)
-        h_mask = hh < GROUP
-        heads = kv_head * GROUP + hh  # [MERGE_HEADS] query heads
-        part_o_row = part_o_ptr + b64 * stride_ob + heads[:, None, None] * stride_oh  # [MERGE_HEADS, 1, 1]
-        part_lse_row = part_lse_ptr + b64 * stride_lb + heads[:, None] * stride_lh  # [MERGE_HEADS, 1]
-        m = tl.full([MERGE_HEADS], float("-inf"), dtype=tl.float32)
-        den = tl.zeros([MERGE_HEADS], dtype=tl.float32)
-        acc = tl.zeros([MERGE_HEADS, BLOCK_D], dtype=tl.float32)
-        if INTERPRET:  # the interpreter cannot take tensor bounds in range()
-            s0 = num_splits * 0
-            while s0 < num_splits:
-                m, den, acc = _merge_chunk(
-                    m, den, acc, s0, part_o_row, part_lse_row, h_mask, num_splits, stride_os, stride_ls,
-                    HEAD_DIM, BLOCK_D, MERGE_SPLITS,
-                )  # fmt: skip
-                s0 += MERGE_SPLITS
-        else:
-            for s0 in range(0, num_splits, MERGE_SPLITS):
-                m, den, acc = _merge_chunk(
-                    m, den, acc, s0, part_o_row, part_lse_row, h_mask, num_splits, stride_os, stride_ls,
-                    HEAD_DIM, BLOCK_D, MERGE_SPLITS,
-                )  # fmt: skip
-        nonempty = den > 0.0
-        safe_den = tl.where(nonempty, den, 1.0)
-        out = acc / safe_den[:, None]  # [MERGE_HEADS, BLOCK_D]; zeros if every split is empty
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        lse = tl.where(nonempty, m_safe + tl.log(safe_den), float("-inf"))
-        out_mask = h_mask[:, None]
-        if BLOCK_D != HEAD_DIM:
-            out_mask = out_mask & (offs_d[None, :] < HEAD_DIM)
-        o_ptrs = o_ptr + b64 * stride_fob + heads[:, None] * stride_foh + offs_d[None, :]
-        tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=out_mask)
-        tl.store(lse_ptr + b64 * stride_flb + heads * stride_flh, lse, mask=h_mask)
-
-
-@triton.jit
 def _paged_decode_split_kernel(
     q_ptr,  # [B, Hq, D]
     k_ptr,  # [num_pages, page_size, Hkv, D]
     v_ptr,  # [num_pages, page_size, Hkv, D]
     page_table_ptr,  # [B, P] int32
     seq_lens_ptr,  # [B] int32
-    o_ptr,  # MODE _DIRECT: [B, Hq, D] final output; else [B, Hq, S, D] fp32 partials
-    lse_ptr,  # MODE _DIRECT: [B, Hq] fp32 final lse; else [B, Hq, S] fp32 partials
-    fo_ptr,  # MODE _FUSED: [B, Hq, D] final output (else unused)
-    flse_ptr,  # MODE _FUSED: [B, Hq] fp32 final lse (else unused)
-    count_ptr,  # MODE _FUSED: [max_B, Hkv] int32 arrival counters, zero between launches (else unused)
+    o_ptr,  # [B, Hq, S, D] fp32 partials, or [B, Hq, D] final output when NUM_SPLITS == 1
+    lse_ptr,  # [B, Hq, S] fp32 partials, or [B, Hq] final lse when NUM_SPLITS == 1
     qk_scale_log2,  # softmax scale * log2(e)
     window,  # sliding window size (read only when HAS_WINDOW)
     max_pages,  # P
-    num_splits,  # S (1 in MODE _DIRECT)
     stride_qb,
     stride_qh,
     stride_kp,
@@ -277,20 +148,13 @@ def _paged_decode_split_kernel(
     stride_lb,
     stride_lh,
     stride_ls,
-    stride_fob,
-    stride_foh,
-    stride_flb,
-    stride_flh,
-    stride_cb,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    MODE: tl.constexpr,
-    MERGE_HEADS: tl.constexpr,
-    MERGE_SPLITS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
@@ -308,7 +172,7 @@ def _paged_decode_split_kernel(
     # least one visible key, so the running max is finite after the first block.
     blk_lo = kv_start // BLOCK_N
     blk_hi = tl.cdiv(seq_len, BLOCK_N)
-    blocks_per_split = tl.cdiv(tl.maximum(blk_hi - blk_lo, 0), num_splits)
+    blocks_per_split = tl.cdiv(tl.maximum(blk_hi - blk_lo, 0), NUM_SPLITS)
     my_lo = blk_lo + split * blocks_per_split
     my_hi = tl.minimum(my_lo + blocks_per_split, blk_hi)
 
@@ -402,21 +266,6 @@ def _paged_decode_split_kernel(
     lse_ptrs = lse_ptr + batch_idx.to(tl.int64) * stride_lb + heads * stride_lh + split * stride_ls
     tl.store(lse_ptrs, lse, mask=g_mask)
 
-    if MODE == 2:  # _FUSED: the last split program of this (sequence, kv head) merges
-        # Every warp's partial stores come before the barrier, and the barrier before thread 0's release
-        # (the scalar atomic runs on one thread; its result is broadcast to the whole program).
-        tl.debug_barrier()
-        count = count_ptr + batch_idx.to(tl.int64) * stride_cb + kv_head
-        arrived = tl.atomic_add(count, 1, sem="acq_rel", scope="gpu")
-        if arrived == num_splits - 1:
-            tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")  # every split has arrived: reset for reuse
-            _fused_group_merge(
-                o_ptr, lse_ptr, fo_ptr, flse_ptr, batch_idx, kv_head, num_splits,
-                stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
-                stride_fob, stride_foh, stride_flb, stride_flh,
-                HEAD_DIM, BLOCK_D, GROUP, MERGE_HEADS, MERGE_SPLITS, INTERPRET,
-            )  # fmt: skip
-
 
 @triton.jit
 def _merge_splits_kernel(
@@ -476,13 +325,6 @@ class PagedDecodeAttention:
         device: device of the workspace; every tensor given to ``run`` must live there.
         block_n: KV tokens per inner-loop block (power of two >= 16; independent of the page size).
         num_warps, num_stages: Triton launch parameters of the split kernel.
-        fused_merge: merge the splits inside the split kernel (one launch, last-arriving program of each
-            (sequence, kv head) merges) or with the separate merge kernel (two launches, the default: on
-            an H100 the fused merge was 0.70-1.00x as fast at batch 1 and equal at batch 8, BENCHMARKS.md).
-            Ignored with one split.
-
-    Attributes ``merge_heads`` and ``merge_splits`` are the fused merge's tile (query heads x splits per
-    step, powers of two); lowering them before a run only shrinks the tile (the tests do, to cover chunks).
 
     Call ``run`` once before capturing it in a CUDA graph so that Triton compiles outside the capture.
     Calls that share one instance must not run concurrently (one stream): they share the workspace.
@@ -500,7 +342,6 @@ class PagedDecodeAttention:
         block_n: int | None = None,
         num_warps: int = 4,
         num_stages: int = 2,
-        fused_merge: bool = False,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -532,11 +373,6 @@ class PagedDecodeAttention:
         self.group_pad = max(16, triton.next_power_of_2(self.group_size))
         self.num_warps = num_warps
         self.num_stages = num_stages
-        self.fused_merge = bool(fused_merge) and num_splits > 1
-        # Fused-merge tile [merge_heads, merge_splits, block_d] fp32, at most _MERGE_TILE_ELEMS per 4 warps.
-        tile = _MERGE_TILE_ELEMS * max(1, num_warps // 4)
-        self.merge_splits = min(triton.next_power_of_2(num_splits), max(1, tile // block_d))
-        self.merge_heads = min(triton.next_power_of_2(self.group_size), max(1, tile // (self.merge_splits * block_d)))
         # Workspace, only used when num_splits > 1.
         ws_splits = num_splits if num_splits > 1 else 0
         self.partial_out = torch.empty(  # [max_B, Hq, S, D] fp32
@@ -545,8 +381,6 @@ class PagedDecodeAttention:
         self.partial_lse = torch.empty(  # [max_B, Hq, S] fp32
             max_batch_size, num_q_heads, ws_splits, dtype=torch.float32, device=self.device
         )
-        # [max_B, Hkv] int32: zero here; each fused launch leaves them at zero (the merging program resets).
-        self.merge_counts = torch.zeros(max_batch_size, num_kv_heads, dtype=torch.int32, device=self.device)
         self.device = self.partial_out.device  # resolved, e.g. "cuda" -> "cuda:0"
 
     def _check_inputs(
@@ -651,9 +485,8 @@ class PagedDecodeAttention:
         if lse_out is None:
             lse_out = torch.empty(batch, self.num_q_heads, dtype=torch.float32, device=q.device)
 
-        batch = q.shape[0]
-        mode = _DIRECT if self.num_splits == 1 else (_FUSED if self.fused_merge else _PARTIALS)
-        if mode == _DIRECT:
+        direct = self.num_splits == 1
+        if direct:
             o_buf, o_strides = out, (out.stride(0), out.stride(1), 0)
             l_buf, l_strides = lse_out, (lse_out.stride(0), lse_out.stride(1), 0)
         else:
@@ -670,13 +503,9 @@ class PagedDecodeAttention:
             seq_lens,
             o_buf,
             l_buf,
-            out,
-            lse_out,
-            self.merge_counts,
             float(scale) * _LOG2E,
             int(sliding_window or 0),
             page_tables.shape[1],
-            self.num_splits,
             q.stride(0),
             q.stride(1),
             k_cache.stride(0),
@@ -688,27 +517,20 @@ class PagedDecodeAttention:
             page_tables.stride(0),
             *o_strides,
             *l_strides,
-            out.stride(0),
-            out.stride(1),
-            lse_out.stride(0),
-            lse_out.stride(1),
-            self.merge_counts.stride(0),
             HEAD_DIM=self.head_dim,
             BLOCK_D=self.block_d,
             GROUP=self.group_size,
             GROUP_PAD=self.group_pad,
             PAGE_SIZE=k_cache.shape[1],
             BLOCK_N=self.block_n,
-            MODE=mode,
-            MERGE_HEADS=self.merge_heads,
-            MERGE_SPLITS=self.merge_splits,
+            NUM_SPLITS=self.num_splits,
             HAS_WINDOW=sliding_window is not None,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             INTERPRET=bool(triton.knobs.runtime.interpret),
             num_warps=self.num_warps,
             num_stages=self.num_stages,
         )
-        if mode == _PARTIALS:
+        if not direct:
             _merge_splits_kernel[(batch, self.num_q_heads)](
                 self.partial_out,
                 self.partial_lse,

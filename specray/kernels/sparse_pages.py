@@ -1,32 +1,17 @@
 """UNIQUE sparse page attention: score pages by their key statistics, keep the top ones under a token budget,
 attend to the kept pages (plus the partial last page) with a split-KV kernel that returns output and LSE.
 
-Three pipelines compute the same result (``pipeline`` argument):
-    "fused2" (default): 2 launches. (1) scoring + top-k selection: programs over chunks of the page table,
-             each keeping its chunk's top K, the last of a (row, KV head) merging them (atomic counter);
-             (2) attention over the kept pages, the last split program merging the splits.
-    "fused1": the same work in 1 launch: programs take tickets, score tickets first; an attending program waits
-             for its (row, KV head)'s selection (``specray.kernels.sparse_fused`` explains why this cannot deadlock).
-    "legacy":  4-5 launches: scores to memory, block top-k, candidate merge, attention, split merge.
-Kernels: ``specray.kernels.sparse_fused`` (fused), ``specray.kernels.sparse_pages_kernels`` (legacy).
-
 Data owned here: ``SparsePageAttention`` owns its workspace, allocated once at construction (sizes from
 ``max_rows``, ``max_pages``, ``max_budget_tokens``, ``max_splits``) and reused by every layer and step:
+    scores:      [max_rows * Hkv * max_pages] fp32, viewed as [R, Hkv, P]: page score, +inf for the forced
+                 sink/recent pages, -inf past the row's complete pages
     sel_vals:    [max_rows * Hkv * max_budget_pages] fp32, viewed as [R, Hkv, K]: scores of the kept pages
                  (+inf for forced sink/recent pages, -inf marks an unused entry when the prefix has fewer than K
                  complete pages)
     sel_idx:     [max_rows * Hkv * max_budget_pages] int64, viewed as [R, Hkv, K]: page-table columns kept
-    partial_out: [max_rows, Hq, max_splits, D] fp32 and partial_lse: [max_rows, Hq, max_splits] fp32 (split-KV;
-                 the fused pipelines view the same storage as [R * Hkv, S, G, D] and [R * Hkv, S, G])
-  fused pipelines only:
-    sel_page:    [max_rows * Hkv * max_budget_pages] int32: page ids of the kept columns, -1 unused
-    cand:        [max_rows * Hkv * cand_per_rh] int64: each score chunk's top K_PAD (packed score key | column)
-    sync:        [3 * max_rows * Hkv + 1] int32 counters/flags/ticket, zero between launches
-  legacy pipeline only:
-    scores:      [max_rows * Hkv * max_pages] fp32, viewed as [R, Hkv, P]: page score, +inf for the forced
-                 sink/recent pages, -inf past the row's complete pages
     candidates:  [max_rows * Hkv * cdiv(max_pages, select_block) * K_PAD] int64: per block of select_block
-                 scores, its top K_PAD (= next_pow2(K)) as (order-preserving score key << 32 | column)
+                 scores, its top K_PAD (= max(2, next_pow2(K))) as (order-preserving score key << 32 | column)
+    partial_out: [max_rows, Hq, max_splits, D] fp32 and partial_lse: [max_rows, Hq, max_splits] fp32 (split-KV)
 The page statistics (``specray.kernels.page_stats.PageStats``), KV cache, page tables, prefix lengths and
 outputs belong to the caller. ``PageStats`` is re-exported here.
 
@@ -41,8 +26,8 @@ Per row and KV head: complete page c (c < prefix_len // page_size) scores
 ``max_g (q_g . mean_c + std_weight * ||q_g|| * std_c)`` over the G query heads of the group. The first
 ``sink_pages`` and last ``recent_pages`` complete pages are always kept, the other
 ``budget_tokens // page_size - forced`` slots go to the top scores; with at most that many complete pages
-every page is kept. Ties: the larger column (more recent page) wins (every pipeline; the triton selection of
-"legacy" too, ``selection_backend="torch"`` leaves ties to ``torch.topk``). The partial last page
+every page is kept. Ties: the larger column (more recent page) wins in the triton selection
+(``selection_backend="torch"`` leaves ties to ``torch.topk``). The partial last page
 (``prefix_len % page_size`` tokens) is always attended.
 
 Usage (``plan`` once per step, ``run`` per layer; no host sync in either, so ``run`` can be captured in a
@@ -61,7 +46,6 @@ import triton
 
 from specray.kernels.page_stats import LayerPageStats, PageStats
 from specray.kernels.paged_decode import _merge_splits_kernel
-from specray.kernels.sparse_fused import fused_sparse_kernel
 from specray.kernels.sparse_pages_kernels import (
     merge_selection_kernel,
     score_pages_kernel,
@@ -69,16 +53,10 @@ from specray.kernels.sparse_pages_kernels import (
     sparse_attention_kernel,
 )
 
-__all__ = ["PIPELINES", "LayerPageStats", "PageStats", "SparsePageAttention"]
+__all__ = ["LayerPageStats", "PageStats", "SparsePageAttention"]
 
 _LOG2E = 1.4426950408889634
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-PIPELINES = ("fused2", "fused1", "legacy")
-# Fused scoring: a program scores CHUNK columns as one [CHUNK, BLOCK_D] tile of page means (at most this many
-# elements, so the tile stays in registers), and the merge of a (row, KV head) takes the top K of NC * K_PAD
-# candidates, kept at most this many unless the tile limit forces more chunks.
-_SCORE_TILE = 32768
-_MAX_CANDIDATES = 1024
 
 
 class SparsePageAttention:
@@ -99,16 +77,7 @@ class SparsePageAttention:
         num_warps, num_stages: launch parameters of the attention kernel; score_warps of the scoring kernel.
         selection_backend: "triton" (bitonic top-k over blocks of ``select_block`` scores, one program per
             (row, KV head, block) with ``select_warps`` warps, then a merge of the blocks' candidates when there
-            are several) or "torch" (``torch.topk``). Legacy pipeline only.
-        pipeline: "legacy" (4-5 launches, the default: fastest on an H100), "fused2" (2 launches) or "fused1"
-            (1 launch); see the module docstring and BENCHMARKS.md.
-            block_p, score_warps, selection_backend, select_block and select_warps apply to "legacy" only; the
-            fused pipelines choose their score chunk in ``plan`` (``score_chunk`` overrides it) and block_n
-            defaults to 64 there (32 for head_dim > 128; fp32 inputs run half blocks, twice as many).
-        min_score_chunk: smallest score chunk ``plan`` may use in the fused pipelines (power of two >= 16;
-            sizes the candidate workspace; the default heuristic never goes below 32).
-        max_candidates: fused pipelines: most merge candidates (chunks * K_PAD) per (row, KV head) that ``plan``
-            may use (sizes the candidate workspace, int64 each), unless the tile limit needs more chunks.
+            are several) or "torch" (``torch.topk``).
     """
 
     def __init__(
@@ -134,9 +103,6 @@ class SparsePageAttention:
         selection_backend: str = "triton",
         select_block: int = 1024,
         select_warps: int = 8,
-        pipeline: str = "legacy",
-        min_score_chunk: int = 32,
-        max_candidates: int = _MAX_CANDIDATES,
     ) -> None:
         if max_rows < 1 or max_pages < 1 or max_splits < 1:
             raise ValueError(f"max_rows ({max_rows}), max_pages ({max_pages}), max_splits ({max_splits}) must be >= 1")
@@ -148,13 +114,8 @@ class SparsePageAttention:
             raise ValueError(f"head_dim must be a multiple of 8 in [16, 256], got {head_dim}")
         if page_size < 1 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {page_size}")
-        if pipeline not in PIPELINES:
-            raise ValueError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}")
         if block_n is None:
-            if pipeline == "legacy":
-                block_n = 64 if head_dim <= 64 else 32
-            else:  # one 64-token block per split program at d <= 128 (K + 1 = 33 entries: 9 blocks at page 16)
-                block_n = 64 if head_dim <= 128 else 32
+            block_n = 64 if head_dim <= 64 else 32
         if block_n < 16 or block_n & (block_n - 1):
             raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
         if block_p < 16 or block_p & (block_p - 1):
@@ -163,9 +124,6 @@ class SparsePageAttention:
             raise ValueError(f"selection_backend must be 'triton' or 'torch', got {selection_backend!r}")
         if select_block < 2 or select_block & (select_block - 1):
             raise ValueError(f"select_block must be a power of two >= 2, got {select_block}")
-        if min_score_chunk < 16 or min_score_chunk & (min_score_chunk - 1):
-            raise ValueError(f"min_score_chunk must be a power of two >= 16, got {min_score_chunk}")
-        self.pipeline = pipeline
         self.max_rows = max_rows
         self.num_q_heads = num_q_heads
         self.num_kv_heads = num_kv_heads
@@ -187,26 +145,14 @@ class SparsePageAttention:
 
         dev = torch.device(device)
         f32 = torch.float32
-        rh_cap = max_rows * num_kv_heads
-        legacy = pipeline == "legacy"
-        self.scores = torch.empty(rh_cap * max_pages if legacy else 1, dtype=f32, device=dev)
-        self.sel_vals = torch.empty(rh_cap * self.max_budget_pages, dtype=f32, device=dev)
-        self.sel_idx = torch.empty(rh_cap * self.max_budget_pages, dtype=torch.int64, device=dev)
-        k_pad = triton.next_power_of_2(self.max_budget_pages)
+        self.scores = torch.empty(max_rows * num_kv_heads * max_pages, dtype=f32, device=dev)
+        self.sel_vals = torch.empty(max_rows * num_kv_heads * self.max_budget_pages, dtype=f32, device=dev)
+        self.sel_idx = torch.empty(max_rows * num_kv_heads * self.max_budget_pages, dtype=torch.int64, device=dev)
+        k_pad = max(2, triton.next_power_of_2(self.max_budget_pages))  # tl.topk needs k >= 2
         max_blocks = triton.cdiv(max_pages, select_block)  # a multi-block selection uses blocks >= select_block
         self.candidates = torch.empty(  # [max_rows * Hkv * max_blocks * K_PAD] int64 packed top-k per score block
-            rh_cap * max_blocks * k_pad if legacy and max_blocks > 1 else 1, dtype=torch.int64, device=dev
+            max_rows * num_kv_heads * max_blocks * k_pad if max_blocks > 1 else 1, dtype=torch.int64, device=dev
         )
-        # fused: candidates per (row, KV head) of the widest plan (chunks >= min_score_chunk, see plan)
-        k_pad = max(2, k_pad)  # tl.topk needs k >= 2
-        self.min_score_chunk = max(min_score_chunk, k_pad)
-        self.max_score_chunk = max(self.min_score_chunk, triton.next_power_of_2(_SCORE_TILE // self.block_d + 1) // 2)
-        self.max_candidates = max_candidates
-        self.cand_per_rh = max(max_candidates, k_pad, triton.cdiv(max_pages, self.max_score_chunk) * k_pad)
-        self.cand_per_rh = min(self.cand_per_rh, triton.cdiv(max_pages, self.min_score_chunk) * k_pad)
-        self.cand = torch.empty(1 if legacy else rh_cap * self.cand_per_rh, dtype=torch.int64, device=dev)
-        self.sel_page = torch.empty(1 if legacy else rh_cap * self.max_budget_pages, dtype=torch.int32, device=dev)
-        self.sync = torch.zeros(3 * rh_cap + 1, dtype=torch.int32, device=dev)  # counters, flags, ticket
         self.partial_out = torch.empty(max_rows, num_q_heads, max_splits, head_dim, dtype=f32, device=dev)
         self.partial_lse = torch.empty(max_rows, num_q_heads, max_splits, dtype=f32, device=dev)
         self.device = self.scores.device
@@ -236,14 +182,11 @@ class SparsePageAttention:
         sink_pages: int | None = None,
         recent_pages: int | None = None,
         num_splits: int | None = None,
-        score_chunk: int | None = None,
     ) -> None:
         """Fix the rows of this step. page_tables: [R, P] int32 (P <= max_pages, rows contiguous);
         prefix_lens: [R] int32 with prefix_len <= P * page_size (not checked: it would need a host sync).
         budget_tokens <= the constructor's. Both tensors are kept by reference: the caller may refill them
-        in place before a graph replay. num_splits defaults to a heuristic from R, Hkv and the budget;
-        score_chunk (fused pipelines: page-table columns per scoring program, a power of two in
-        [min_score_chunk, ...]) to ``choose_score_chunk``."""
+        in place before a graph replay. num_splits defaults to a heuristic from R, Hkv and the budget."""
         if page_tables.dim() != 2 or page_tables.dtype != torch.int32:
             raise ValueError(f"page_tables must be [R, P] int32, got {page_tables.dtype} {tuple(page_tables.shape)}")
         rows, width = page_tables.shape
@@ -270,38 +213,12 @@ class SparsePageAttention:
         k = min(budget // self.page_size, width)  # pages kept per (row, kv head)
         pages_per_block = self.block_n // self.page_size
         num_blocks = -(-(k + 1) // pages_per_block)  # K selected entries + the partial page
-        fused = self.pipeline != "legacy"
         if num_splits is None:
             wanted = -(-3 * self._num_sms // (rows * self.num_kv_heads))
             num_splits = max(1, min(wanted, num_blocks, self.max_splits))
-            if fused:  # no empty splits: every split program has the same number of blocks (but the last)
-                num_splits = -(-num_blocks // -(-num_blocks // num_splits))
         if not 1 <= num_splits <= self.max_splits:
             raise ValueError(f"num_splits {num_splits} must be in [1, max_splits={self.max_splits}]")
-        fused_plan = {}
-        if fused:
-            k_pad = max(2, triton.next_power_of_2(k))  # tl.topk needs k >= 2
-            chunk = self.choose_score_chunk(rows, width, k) if score_chunk is None else score_chunk
-            if chunk < self.min_score_chunk or chunk & (chunk - 1) or chunk < k_pad:
-                raise ValueError(
-                    f"score_chunk {chunk} must be a power of two >= max(min_score_chunk, next_pow2(K)) = "
-                    f"{max(self.min_score_chunk, k_pad)}"
-                )
-            num_chunks = -(-width // chunk)
-            if num_chunks * k_pad > self.cand_per_rh:
-                raise ValueError(
-                    f"score_chunk {chunk} makes {num_chunks} chunks of {k_pad} candidates, more than the workspace's "
-                    f"{self.cand_per_rh} per (row, KV head)"
-                )
-            tile = chunk * self.block_d
-            fused_plan = {
-                "score_chunk": chunk,
-                "num_chunks": num_chunks,
-                "k_pad": k_pad,
-                "cand_pad": triton.next_power_of_2(num_chunks * k_pad),
-                "score_warps": 4 if tile <= 8192 else 8,
-            }
-        self._plan = fused_plan | {
+        self._plan = {
             "page_tables": page_tables,
             "prefix_lens": prefix_lens,
             "rows": rows,
@@ -313,23 +230,6 @@ class SparsePageAttention:
             "num_splits": num_splits,
             "blocks_per_split": -(-num_blocks // num_splits),
         }
-
-    def choose_score_chunk(self, rows: int, width: int, k: int) -> int:
-        """Page-table columns per fused scoring program: the smallest power of two >= max(min_score_chunk, K_PAD)
-        that keeps the merge at <= max_candidates (NC * K_PAD), capped by the tile size (256 columns at
-        d=128); then doubled while the grid keeps >= 2 programs per SM (fewer, larger merges)."""
-        k_pad = max(2, triton.next_power_of_2(k))
-        max_chunks = max(1, min(self.max_candidates, _MAX_CANDIDATES) // k_pad)
-        chunk = max(self.min_score_chunk, k_pad, triton.next_power_of_2(-(-width // max_chunks)))
-        chunk = min(chunk, max(self.max_score_chunk, self.min_score_chunk, k_pad))
-        rh = rows * self.num_kv_heads
-        while chunk < self.max_score_chunk and chunk < width and rh * -(-width // (2 * chunk)) >= 2 * self._num_sms:
-            chunk *= 2
-        return chunk
-
-    def reset_sync(self) -> None:
-        """Zero the fused pipelines' counters (only needed after a launch was aborted midway)."""
-        self.sync.zero_()
 
     def selection(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of the last ``run``'s selection: (scores [R, Hkv, K] fp32, page-table columns [R, Hkv, K]
@@ -399,7 +299,7 @@ class SparsePageAttention:
         if self.selection_backend == "torch":
             torch.topk(scores.view(rows * hkv, width), k, dim=1, sorted=False, out=(sel_vals, sel_idx))
         else:
-            k_pad = triton.next_power_of_2(k)
+            k_pad = max(2, triton.next_power_of_2(k))  # tl.topk needs k >= 2
             block = max(k_pad, min(triton.next_power_of_2(width), self.select_block))
             num_blocks = triton.cdiv(width, block)
             select_pages_kernel[(rows * hkv, num_blocks)](
@@ -446,9 +346,6 @@ class SparsePageAttention:
         if lse_out is None:
             lse_out = torch.empty(rows, self.num_q_heads, dtype=torch.float32, device=q.device)
         interpret = bool(triton.knobs.runtime.interpret)
-        if self.pipeline != "legacy":
-            self._run_fused(q, k_cache, v_cache, mean, std, scale, out, lse_out, plan, interpret)
-            return out, lse_out
         scores = self.scores[: rows * hkv * width].view(rows, hkv, width)  # [R, Hkv, P]
 
         # (a) page scores, forced pages +inf, pages past the complete ones -inf
@@ -497,43 +394,3 @@ class SparsePageAttention:
                 SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4,
             )  # fmt: skip
         return out, lse_out
-
-    def _run_fused(self, q, k_cache, v_cache, mean, std, scale, out, lse_out, plan, interpret) -> None:
-        """Launch the fused kernel: score+select then attend+merge ("fused2"), or both in one grid ("fused1")."""
-        rows, k, splits, nc = plan["rows"], plan["k"], plan["num_splits"], plan["num_chunks"]
-        hkv, group = self.num_kv_heads, self.group_size
-        rh = rows * hkv
-        page_tables, prefix_lens = plan["page_tables"], plan["prefix_lens"]
-        args = (
-            q, k_cache, v_cache, page_tables, prefix_lens, mean, std, self.cand, self.sel_vals, self.sel_idx,
-            self.sel_page, self.partial_out, self.partial_lse, out, lse_out, self.sync,
-            self.max_rows * hkv, plan["std_weight"], float(scale) * _LOG2E, plan["width"], plan["sink"],
-            plan["recent"], nc, splits, rh * nc, rh * (nc + splits),
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), page_tables.stride(0),
-            mean.stride(0), mean.stride(1), std.stride(0), std.stride(1),
-            out.stride(0), out.stride(1), lse_out.stride(0), lse_out.stride(1),
-        )  # fmt: skip
-        block_n, blocks_per_split = self.block_n, plan["blocks_per_split"]
-        if q.dtype == torch.float32 and block_n >= 64 and block_n // 2 >= self.page_size:
-            # fp32 dots run on FMA units: half blocks, twice as many (the same entries per split), fewer registers
-            block_n, blocks_per_split = block_n // 2, 2 * blocks_per_split
-        meta = dict(
-            NUM_KV_HEADS=hkv, K=k, K_PAD=plan["k_pad"], CHUNK=plan["score_chunk"], CAND_PAD=plan["cand_pad"],
-            HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, GROUP=group, GROUP_PAD=self.group_pad,
-            PAGE_SIZE=self.page_size, BLOCK_N=block_n, BLOCKS_PER_SPLIT=blocks_per_split,
-            SPLITS_PAD=max(2, triton.next_power_of_2(splits)),
-            SCORE_PRECISION="ieee" if mean.dtype == torch.float32 else "tf32",
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=interpret,
-        )  # fmt: skip
-        if self.pipeline == "fused2":  # constexprs a mode does not read are fixed, to share compilations
-            score_meta = meta | dict(BLOCK_N=16, BLOCKS_PER_SPLIT=1, SPLITS_PAD=2, DOT_PRECISION="ieee")
-            attend_meta = meta | dict(K_PAD=1, CHUNK=16, CAND_PAD=1, SCORE_PRECISION="ieee")
-            fused_sparse_kernel[(rh * nc,)](*args, MODE=1, num_warps=plan["score_warps"], **score_meta)
-            fused_sparse_kernel[(rh * splits,)](
-                *args, MODE=2, num_warps=self.num_warps, num_stages=self.num_stages, **attend_meta
-            )
-        else:
-            fused_sparse_kernel[(rh * (nc + splits),)](
-                *args, MODE=0, num_warps=max(plan["score_warps"], self.num_warps), num_stages=self.num_stages, **meta
-            )

@@ -17,10 +17,7 @@ from dataclasses import dataclass  # noqa: E402
 
 import pytest  # noqa: E402
 
-from specray.kernels.paged_decode import (  # noqa: E402
-    PagedDecodeAttention,
-    choose_num_splits,
-)
+from specray.kernels.paged_decode import PagedDecodeAttention, choose_num_splits  # noqa: E402
 from specray.kernels.reference import paged_decode_reference  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -142,7 +139,8 @@ CASES = [
 ]
 
 
-def check_case(case: Case, fused_merge: bool) -> None:
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_matches_reference(case: Case) -> None:
     inputs = make_inputs(
         list(case.seq_lens),
         case.num_kv_heads,
@@ -162,55 +160,20 @@ def check_case(case: Case, fused_merge: bool) -> None:
         num_splits=case.num_splits,
         device=DEVICE,
         block_n=case.block_n,
-        fused_merge=fused_merge,
     )
-    assert attn.fused_merge == (fused_merge and case.num_splits > 1)
     run_and_check(attn, inputs, case.window, case.dtype)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_matches_reference(case: Case) -> None:
-    """One launch: the last split program of each (sequence, kv head) merges (direct write with one split)."""
-    check_case(case, fused_merge=True)
-
-
-TWO_LAUNCH = [CASES[i] for i in (1, 2, 5, 9, 14)]  # GQA 4 / 7, window, d=96, an empty sequence
-
-
-@pytest.mark.parametrize("case", TWO_LAUNCH, ids=[c.id for c in TWO_LAUNCH])
-def test_two_launch_merge_matches_reference(case: Case) -> None:
-    check_case(case, fused_merge=False)
-
-
-def test_fused_merge_reuses_workspace_and_resets_counters() -> None:
-    """Repeated fused runs on one workspace (poisoned once with NaN), ragged batches of several sizes,
-    outputs poisoned before every run: each run matches the reference and leaves every counter at zero."""
-    attn = PagedDecodeAttention(4, 8, 2, 64, 3, DEVICE, block_n=16, fused_merge=True)
-    assert attn.fused_merge and int(attn.merge_counts.abs().sum()) == 0
+def test_repeated_runs_reuse_the_workspace() -> None:
+    """Repeated runs on one workspace (poisoned once with NaN), ragged batches of several sizes, outputs
+    poisoned before every run: each run matches the reference."""
+    attn = PagedDecodeAttention(4, 8, 2, 64, 3, DEVICE, block_n=16)
     attn.partial_out.fill_(float("nan"))
     attn.partial_lse.fill_(float("nan"))
     batches = ((31, [40, 0, 21]), (32, [5]), (31, [40, 0, 21]))
     for seed, lens in batches:
         inputs = make_inputs(lens, 2, 4, 64, 8, F32, seed=seed)
         run_and_check(attn, inputs, None, F32)
-        assert int(attn.merge_counts.abs().sum()) == 0, "a merge counter was not reset"
-
-
-def test_fused_merge_in_chunks() -> None:
-    """Small merge tiles: the merging program walks splits in chunks of 2 and heads in chunks of 2 (GQA 3,
-    so the last head chunk is half padding), with a sliding window leaving early splits empty."""
-    attn = PagedDecodeAttention(3, 6, 2, 64, 5, DEVICE, block_n=16, fused_merge=True)
-    attn.merge_splits, attn.merge_heads = 2, 2
-    for seed, lens, dtype in ((41, [100, 0], F32), (42, [77], BF16)):
-        inputs = make_inputs(lens, 2, 3, 64, 16, dtype, window=30, seed=seed)
-        run_and_check(attn, inputs, 30, dtype)
-        assert int(attn.merge_counts.abs().sum()) == 0
-
-
-def test_merge_mode_selection() -> None:
-    assert not PagedDecodeAttention(1, 32, 8, 128, 50, DEVICE).fused_merge  # two launches by default
-    assert PagedDecodeAttention(1, 32, 8, 128, 50, DEVICE, fused_merge=True).fused_merge
-    assert not PagedDecodeAttention(1, 32, 8, 128, 1, DEVICE, fused_merge=True).fused_merge  # nothing to merge
 
 
 def test_empty_sequence_gives_zero_output_and_neg_inf_lse() -> None:

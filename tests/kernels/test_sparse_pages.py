@@ -1,13 +1,8 @@
 """UNIQUE page statistics and sparse page attention (Triton) against the dense fp32 torch references.
 
-Covers the three pipelines of ``SparsePageAttention``: "legacy" (separate score / select / attend / merge
-launches), "fused2" (score+select, attend+merge) and "fused1" (one launch, ticketed roles). The fused cases use
-score chunks and splits small enough that several programs of a (row, KV head) meet in the atomic counters.
-
-Owns no data: every test builds fresh random inputs (tests/support/sparse_inputs.py). Random inputs have no tied
-scores, so the fused selection must equal the reference's exactly; the tie rule (larger column wins) is checked on
-built ties. Without CUDA the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1), so the shapes are
-small; tests/gpu runs them at size.
+Owns no data: every test builds fresh random inputs (tests/support/sparse_inputs.py). The tie rule of the Triton
+selection (larger column wins) is checked on built ties. Without CUDA the kernels run under Triton's CPU
+interpreter (TRITON_INTERPRET=1), so the shapes are small; tests/gpu runs them at size.
 """
 
 import os
@@ -17,17 +12,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import dataclasses  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import pytest  # noqa: E402
 
 from specray.kernels.page_stats import PageStats  # noqa: E402
-from specray.kernels.reference import (  # noqa: E402
-    page_stats_reference,
-    paged_decode_reference,
-    sparse_page_attention_reference,
-)
+from specray.kernels.reference import page_stats_reference, paged_decode_reference  # noqa: E402
 from specray.kernels.sparse_pages import SparsePageAttention  # noqa: E402
 from tests.support.sparse_inputs import (  # noqa: E402
     REL_TOL,
@@ -41,7 +31,6 @@ from tests.support.sparse_inputs import (  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
-FUSED = ("fused2", "fused1")
 
 
 @dataclass(frozen=True)
@@ -62,21 +51,18 @@ class Case:
     select: str = "triton"
     select_block: int = 4096
     seed: int = 0
-    pipeline: str = "legacy"
-    score_chunk: int | None = None
 
     @property
     def id(self) -> str:
         dt = str(self.dtype).removeprefix("torch.")
         md = "" if self.mean_dtype == F32 else "-mean16"
-        sel = f"{self.select}{self.select_block}" if self.pipeline == "legacy" else f"c{self.score_chunk}"
         return (
-            f"{self.pipeline}-{dt}{md}-d{self.head_dim}-ps{self.page_size}-g{self.group}-kv{self.num_kv_heads}"
-            f"-n{self.rows_per_seq}-b{self.budget}-s{self.splits}-{sel}-len{'_'.join(map(str, self.prefixes))}"
+            f"{dt}{md}-d{self.head_dim}-ps{self.page_size}-g{self.group}-kv{self.num_kv_heads}-n{self.rows_per_seq}"
+            f"-b{self.budget}-s{self.splits}-{self.select}{self.select_block}-len{'_'.join(map(str, self.prefixes))}"
         )
 
 
-LEGACY_CASES = [
+CASES = [
     # GQA 1, ps 8, budget 4 pages: rows above (100, 41), at (32) and below (24, 3, 0) the budget, partial pages
     # (selection in 8-score blocks: two blocks of the 14-column table)
     Case((100, 3, 41, 0, 24, 32), 1, 2, 1, 64, 8, F32, 32, recent=1, select_block=8, seed=1),
@@ -89,26 +75,6 @@ LEGACY_CASES = [
     # GQA 4, fp32, ps 16, d64, std weight 0 (plain mean scoring), many splits (some empty), torch.topk selection
     Case((180, 47, 16), 1, 2, 4, 64, 16, F32, 64, std_weight=0.0, splits=8, select="torch", seed=5),
 ]
-# Fused: chunks of 16 columns, so most (row, KV head)s merge 2-3 chunks' candidates; ragged rows
-FUSED_SHAPES = [
-    # GQA 1, d64, ps 8, fp32: rows above (300, 141), at (32) and below (24, 3, 0) the budget; 3 chunks, 2 splits
-    dict(prefixes=(300, 3, 141, 0, 24, 32), rows_per_seq=1, num_kv_heads=2, group=1, head_dim=64, page_size=8,
-         dtype=F32, budget=32, recent=1, splits=2, seed=11),
-    # GQA 4, d128, ps 16, bf16, N = 3 rows per sequence, one chunk, 2 splits
-    dict(prefixes=(150, 40), rows_per_seq=3, num_kv_heads=2, group=4, head_dim=128, page_size=16, dtype=BF16,
-         budget=64, splits=2, seed=12),
-    # GQA 7, d64, ps 16, fp16 with fp16 means, no recent pages, std weight 2, 2 chunks, default splits
-    dict(prefixes=(300, 17, 5), rows_per_seq=1, num_kv_heads=1, group=7, head_dim=64, page_size=16, dtype=F16,
-         budget=48, recent=0, std_weight=2.0, mean_dtype=F16, seed=13),
-    # GQA 7, d128, ps 8, bf16 with bf16 means, no sink, N = 2, K = 5 (K_PAD 8), 2 chunks, 3 splits
-    dict(prefixes=(190, 8), rows_per_seq=2, num_kv_heads=1, group=7, head_dim=128, page_size=8, dtype=BF16,
-         budget=40, sink=0, recent=1, mean_dtype=BF16, splits=3, seed=14),
-    # GQA 4, fp32, d64, ps 16, std weight 0, 8 splits of 5 blocks (3 empty splits), one chunk
-    dict(prefixes=(180, 47, 16), rows_per_seq=1, num_kv_heads=2, group=4, head_dim=64, page_size=16, dtype=F32,
-         budget=64, std_weight=0.0, splits=8, seed=15),
-]  # fmt: skip
-FUSED_CASES = [Case(**shape, pipeline=p, score_chunk=16) for shape in FUSED_SHAPES for p in FUSED]
-CASES = LEGACY_CASES + FUSED_CASES
 
 
 def make_attn(case: Case, sc: SparseCase) -> SparsePageAttention:
@@ -116,16 +82,16 @@ def make_attn(case: Case, sc: SparseCase) -> SparsePageAttention:
     return SparsePageAttention(
         rows + 3, case.num_kv_heads * case.group, case.num_kv_heads, case.head_dim, case.page_size, width + 2,
         DEVICE, budget_tokens=max(case.budget, 64), block_n=16, selection_backend=case.select,
-        select_block=case.select_block, pipeline=case.pipeline, min_score_chunk=16,
+        select_block=case.select_block,
     )  # fmt: skip
 
 
 def run_checked(attn: SparsePageAttention, sc: SparseCase, case: Case) -> None:
-    """Plan (with the case's score chunk) + run into poisoned outputs; out/lse against the fp32 reference, and
-    for the fused pipelines the exact reference selection and counters back at zero."""
+    """Plan + run into poisoned outputs (and a poisoned selection); out/lse and the selection against the fp32
+    reference."""
     attn.plan(
         sc.row_tables, sc.row_prefix, case.budget, std_weight=case.std_weight, sink_pages=case.sink,
-        recent_pages=case.recent, num_splits=case.splits, score_chunk=case.score_chunk,
+        recent_pages=case.recent, num_splits=case.splits,
     )  # fmt: skip
     out = torch.full_like(sc.q, float("nan"))
     lse = torch.full(sc.q.shape[:2], float("nan"), dtype=torch.float32, device=DEVICE)
@@ -134,14 +100,7 @@ def run_checked(attn: SparsePageAttention, sc: SparseCase, case: Case) -> None:
     got_out, got_lse = attn.run(sc.q, sc.inputs.k_cache, sc.inputs.v_cache, sc.stats.layer(0), scale, out, lse)
     assert got_out is out and got_lse is lse
     opts = dict(std_weight=case.std_weight, sink_pages=case.sink, recent_pages=case.recent)
-    independent = case.mean_dtype == F32
-    compare_to_reference(attn, sc, out, lse, case.budget, independent_stats=independent, **opts)
-    if case.pipeline != "legacy":
-        mean, std = (None, None) if independent else sc.stats.layer(0)
-        args = (sc.q, sc.inputs.k_cache, sc.inputs.v_cache, sc.row_tables, sc.row_prefix, scale, case.budget)
-        _, _, ref_sel = sparse_page_attention_reference(*args, mean=mean, std=std, **opts)
-        assert selected_sets(attn) == ref_sel
-        assert not attn.sync.any(), f"counters not reset: {attn.sync.tolist()}"
+    compare_to_reference(attn, sc, out, lse, case.budget, independent_stats=case.mean_dtype == F32, **opts)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -153,35 +112,30 @@ def test_sparse_page_attention_matches_reference(case: Case) -> None:
     run_checked(make_attn(case, sc), sc, case)
 
 
-@pytest.mark.parametrize("pipeline", FUSED)
-def test_fused_workspace_reuse_resets_counters(pipeline: str) -> None:
-    """Repeated runs on one workspace (the counters and flags must return to zero after every launch): the same
-    plan with q and prefix lengths changed in place, then a new plan with other rows and another chunking."""
-    case = Case((260, 77, 130), 1, 2, 4, 64, 8, BF16, 32, recent=1, splits=3, seed=21, pipeline=pipeline,
-                score_chunk=16)  # fmt: skip
+def test_workspace_reuse_with_in_place_changes() -> None:
+    """Repeated runs on one workspace: the same plan with q and prefix lengths changed in place, then a new plan
+    with other rows and another split count, then the first rows again."""
+    case = Case((260, 77, 130), 1, 2, 4, 64, 8, BF16, 32, recent=1, splits=3, seed=21)
     sc = sparse_case(list(case.prefixes), 1, 2, 4, 64, 8, BF16, DEVICE, seed=case.seed)
     attn = make_attn(case, sc)
     run_checked(attn, sc, case)
-    assert attn._plan["num_chunks"] == 3 and attn._plan["num_splits"] == 3
+    assert attn._plan["num_splits"] == 3
     gen = torch.Generator().manual_seed(22)
     sc.q.copy_(torch.randn(sc.q.shape, generator=gen).to(sc.q.dtype))
     sc.row_prefix.copy_(torch.tensor([199, 77, 64], dtype=torch.int32))
     run_checked(attn, sc, case)
     other = sparse_case([150, 260], 1, 2, 4, 64, 8, BF16, DEVICE, seed=23)
-    run_checked(attn, other, dataclasses.replace(case, score_chunk=32, splits=2))
+    run_checked(attn, other, Case((150, 260), 1, 2, 4, 64, 8, BF16, 32, recent=1, splits=2, seed=23))
     run_checked(attn, sc, case)
 
 
-@pytest.mark.parametrize("pipeline", FUSED)
-def test_fused_one_page_budget(pipeline: str) -> None:
-    """K = 1 (the top-k runs with K_PAD 2): only the recent page, or only the best page, is kept."""
+def test_one_page_budget() -> None:
+    """K = 1: only the recent page, or only the best page, is kept."""
     for sink, recent, seed in ((0, 1, 31), (0, 0, 32)):
-        case = Case((70, 5, 9), 1, 1, 2, 64, 8, F32, 8, sink=sink, recent=recent, seed=seed, pipeline=pipeline,
-                    score_chunk=16)  # fmt: skip
+        case = Case((70, 5, 9), 1, 1, 2, 64, 8, F32, 8, sink=sink, recent=recent, seed=seed)
         sc = sparse_case(list(case.prefixes), 1, 1, 2, 64, 8, F32, DEVICE, seed=seed)
         attn = SparsePageAttention(
             3, 2, 1, 64, 8, sc.row_tables.shape[1], DEVICE, budget_tokens=8, sink_pages=sink, recent_pages=recent,
-            pipeline=pipeline, min_score_chunk=16,
         )  # fmt: skip
         run_checked(attn, sc, case)
 
@@ -263,16 +217,6 @@ def test_input_validation() -> None:
         SparsePageAttention(2, 8, 2, 60, 8, 8, DEVICE)
     with pytest.raises(ValueError, match="page_size"):
         SparsePageAttention(2, 8, 2, 64, 12, 8, DEVICE)
-    with pytest.raises(ValueError, match="pipeline"):
-        SparsePageAttention(2, 8, 2, 64, 8, 8, DEVICE, pipeline="fused3")
-    with pytest.raises(ValueError, match="min_score_chunk"):
-        SparsePageAttention(2, 8, 2, 64, 8, 8, DEVICE, min_score_chunk=24)
-    fused = SparsePageAttention(2, 8, 2, 64, 8, 8, DEVICE, budget_tokens=32, pipeline="fused2")
-    with pytest.raises(ValueError, match="score_chunk"):
-        fused.plan(sc.row_tables, sc.row_prefix, score_chunk=48)
-    small = SparsePageAttention(2, 8, 2, 64, 8, 64, DEVICE, budget_tokens=32, min_score_chunk=16, pipeline="fused2")
-    with pytest.raises(ValueError, match="score_chunk"):
-        small.plan(sc.row_tables, sc.row_prefix, score_chunk=8)
     with pytest.raises(ValueError, match="mean_dtype"):
         PageStats([k], mean_dtype=F16)
     with pytest.raises(ValueError, match="differs"):
@@ -281,10 +225,9 @@ def test_input_validation() -> None:
         PageStats([k]).update(0, torch.tensor([1, 2], device=DEVICE))
 
 
-@pytest.mark.parametrize("pipeline", ["legacy", *FUSED])
-def test_tied_scores_follow_the_tie_rule(pipeline: str) -> None:
+def test_tied_scores_follow_the_tie_rule() -> None:
     """Identical pages tie exactly: the reference may keep any of them (the kernel is then checked on the pages it
-    kept), the Triton selections keep the larger columns. The keys and the query are small integers, so every
+    kept), the Triton selection keeps the larger columns. The keys and the query are small integers, so every
     summation order gives the same fp32 score (exact ties in the kernels too)."""
     sc = sparse_case([80, 43], 1, 1, 4, 64, 8, F32, DEVICE, seed=40)
     k, v = sc.inputs.k_cache, sc.inputs.v_cache
@@ -296,10 +239,7 @@ def test_tied_scores_follow_the_tie_rule(pipeline: str) -> None:
         k[sc.inputs.page_tables[0, col].long()] = k[src]
         v[sc.inputs.page_tables[0, col].long()] = v[src] + col  # values differ: the kept pages matter
     sc.stats.update(0, sc.inputs.full_pages)
-    attn = SparsePageAttention(
-        2, 4, 1, 64, 8, sc.row_tables.shape[1], DEVICE, budget_tokens=32, block_n=16, pipeline=pipeline
-    )
+    attn = SparsePageAttention(2, 4, 1, 64, 8, sc.row_tables.shape[1], DEVICE, budget_tokens=32, block_n=16)
     check_sparse(attn, sc, 32, sink_pages=1, recent_pages=1)
     # columns 1..8 tie for the 2 free slots of 4 (sink 0 and recent 9 forced): the tie rule keeps 8 and 7
     assert selected_sets(attn)[0][0] == {0, 7, 8, 9}
-    assert not attn.sync.any()
