@@ -7,8 +7,10 @@ and only then publishes it by bumping the write sequence, so a reader never sees
 
 All processes of an engine sit on one node (the placement group is `STRICT_PACK`), so this replaces a
 gloo object broadcast (two TCP collectives and pickling into tensors: about 1-2 ms per step) with a
-memory copy and a poll (tens of µs). Readers poll: they spin first, then back off to short sleeps, so an
-idle engine costs almost no CPU while a busy one sees each plan within microseconds.
+memory copy and a poll (tens of µs). Waiting ends poll: with `spin` > 0 they first spin that many checks
+(GPU engines: the host is otherwise idle, and each plan is seen within microseconds), then yield, then
+back off to sleeps of 50 µs and 1 ms, so an idle engine costs almost no CPU. CPU (gloo) engines use no
+spin: their shards need every core for compute, and spinning waiters starve them and Ray's own daemons.
 
 Ordering relies on the writer's stores becoming visible in program order (x86-64 TSO: the data before
 the sequence number); the sequence words are 8-byte aligned, so each is written and read whole.
@@ -26,13 +28,17 @@ _LINE = 64  # one cache line per sequence word: no false sharing between readers
 _SLOT_HEADER = 16  # u64 chunk length, u64 1 if it is the message's last chunk
 
 
-def _backoff(spins: int) -> None:
-    """Poll policy: spin ~50k checks, then yield, then sleep up to 1 ms between checks."""
-    if spins < 50_000:
+DEFAULT_SPIN = 20_000  # busy checks before yielding (about 5-10 ms of one core)
+
+
+def _backoff(spins: int, spin: int) -> None:
+    """Poll policy: `spin` busy checks, then 1,000 yields, then 50 µs sleeps, then 1 ms sleeps."""
+    if spins < spin:
         return
-    if spins < 60_000:
+    spins -= spin
+    if spins < 1_000:
         time.sleep(0)
-    elif spins < 70_000:
+    elif spins < 11_000:
         time.sleep(50e-6)
     else:
         time.sleep(1e-3)
@@ -41,11 +47,12 @@ def _backoff(spins: int) -> None:
 class ShmChannel:
     """One end of a channel: the writer (`reader=None`) or reader number `reader` of `num_readers`."""
 
-    def __init__(self, path: str, num_readers: int, num_slots: int, slot_bytes: int, reader: int | None):
+    def __init__(self, path: str, num_readers: int, num_slots: int, slot_bytes: int, reader: int | None,
+                 spin: int = DEFAULT_SPIN):
         if num_readers < 1 or num_slots < 1 or slot_bytes < 1:
             raise ValueError(f"bad channel shape: readers {num_readers}, slots {num_slots}, slot bytes {slot_bytes}")
         self.path, self.num_readers, self.num_slots, self.slot_bytes = path, num_readers, num_slots, slot_bytes
-        self.reader = reader
+        self.reader, self.spin = reader, spin
         self._slot_stride = _SLOT_HEADER + slot_bytes
         self._data_off = -(-(_LINE * (1 + num_readers)) // 4096) * 4096
         size = self._data_off + num_slots * self._slot_stride
@@ -64,13 +71,14 @@ class ShmChannel:
             self._seq = self._words[self._read_word(reader)]
 
     @classmethod
-    def create(cls, path: str, num_readers: int, num_slots: int = 8, slot_bytes: int = 1 << 20) -> ShmChannel:
-        return cls(path, num_readers, num_slots, slot_bytes, None)
+    def create(cls, path: str, num_readers: int, num_slots: int = 8, slot_bytes: int = 1 << 20,
+               spin: int = DEFAULT_SPIN) -> ShmChannel:
+        return cls(path, num_readers, num_slots, slot_bytes, None, spin)
 
     @classmethod
-    def attach(cls, path: str, num_readers: int, reader: int, num_slots: int = 8,
-               slot_bytes: int = 1 << 20) -> ShmChannel:
-        return cls(path, num_readers, num_slots, slot_bytes, reader)
+    def attach(cls, path: str, num_readers: int, reader: int, num_slots: int = 8, slot_bytes: int = 1 << 20,
+               spin: int = DEFAULT_SPIN) -> ShmChannel:
+        return cls(path, num_readers, num_slots, slot_bytes, reader, spin)
 
     def unlink(self) -> None:
         """Remove the name; the mappings stay valid (every end attaches before the creator unlinks)."""
@@ -98,7 +106,7 @@ class ShmChannel:
             spins = 0
             while seq - min(words[self._read_word(r)] for r in range(self.num_readers)) >= self.num_slots:
                 spins += 1
-                _backoff(spins)
+                _backoff(spins, self.spin)
             part = view[c * self.slot_bytes : (c + 1) * self.slot_bytes]
             off = self._data_off + (seq % self.num_slots) * self._slot_stride
             mm[off + _SLOT_HEADER : off + _SLOT_HEADER + len(part)] = part
@@ -120,7 +128,7 @@ class ShmChannel:
             spins = 0
             while words[0] <= seq:
                 spins += 1
-                _backoff(spins)
+                _backoff(spins, self.spin)
                 if deadline is not None and spins % 1024 == 0 and time.monotonic() > deadline:
                     raise TimeoutError(f"no message on {self.path} within {timeout} s")
             off = self._data_off + (seq % self.num_slots) * self._slot_stride

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from specray.actors.shm_channel import ShmChannel, channel_path
+from specray.actors.shm_channel import DEFAULT_SPIN, ShmChannel, channel_path
 
 # idle shards wait on the next plan inside a gloo collective: that wait must not time out; dead peers
 # are detected through Ray, not through collective timeouts
@@ -108,15 +108,17 @@ def _open_channels(world: World, tag: str, every: Any) -> None:
     if layout.separate_draft:
         specs += [("to_draft", 0, [layout.draft_rank]), ("from_draft", layout.draft_rank, [0])]
     made = []
+    spin = DEFAULT_SPIN if layout.backend == "nccl" else 0  # CPU worlds: never busy-wait (see shm_channel)
     for attr, writer, readers in specs:
         if rank == writer:
-            chan = ShmChannel.create(channel_path(tag, attr), num_readers=len(readers))
+            chan = ShmChannel.create(channel_path(tag, attr), num_readers=len(readers), spin=spin)
             setattr(world, attr, chan)
             made.append(chan)
     dist.barrier(group=every)
     for attr, _, readers in specs:
         if rank in readers:
-            setattr(world, attr, ShmChannel.attach(channel_path(tag, attr), len(readers), readers.index(rank)))
+            chan = ShmChannel.attach(channel_path(tag, attr), len(readers), readers.index(rank), spin=spin)
+            setattr(world, attr, chan)
     dist.barrier(group=every)
     for chan in made:
         chan.unlink()

@@ -22,8 +22,8 @@ def _messages(seed: int, n: int) -> list[object]:
     return out
 
 
-def _reader(path: str, readers: int, index: int, n: int, slow: bool, q) -> None:
-    chan = ShmChannel.attach(path, readers, index, num_slots=4, slot_bytes=4096)
+def _reader(path: str, readers: int, index: int, n: int, slow: bool, spin: int, q) -> None:
+    chan = ShmChannel.attach(path, readers, index, num_slots=4, slot_bytes=4096, spin=spin)
     got = []
     for _ in range(n):
         got.append(chan.read(timeout=60))
@@ -35,13 +35,14 @@ def _reader(path: str, readers: int, index: int, n: int, slow: bool, q) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_readers_get_every_message_in_order(tmp_path):
+@pytest.mark.parametrize("spin", [0, 1000])  # CPU worlds never busy-wait; GPU worlds spin first
+def test_readers_get_every_message_in_order(tmp_path, spin):
     n, readers = 60, 2
-    path = channel_path(f"test{os.getpid()}", "plan")
-    writer = ShmChannel.create(path, readers, num_slots=4, slot_bytes=4096)
+    path = channel_path(f"test{os.getpid()}-{spin}", "plan")
+    writer = ShmChannel.create(path, readers, num_slots=4, slot_bytes=4096, spin=spin)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_reader, args=(path, readers, i, n, i == 1, q)) for i in range(readers)]
+    procs = [ctx.Process(target=_reader, args=(path, readers, i, n, i == 1, spin, q)) for i in range(readers)]
     for p in procs:
         p.start()
     try:

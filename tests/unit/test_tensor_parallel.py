@@ -94,6 +94,9 @@ def _tp_worker(rank: int, path: str, rendezvous: str, tokens: list[int], out: st
         logits = _forward(model, model.arch, tokens)
     if rank == 0:
         torch.save(logits, out)
+    # both ranks leave together: a rank that tears gloo down while its peer is still connected can make the
+    # peer's gloo thread abort (seen once in CI as SIGABRT, "terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 
