@@ -36,7 +36,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import benchmarks.attention as attention_bench  # noqa: E402
-from benchmarks.attention import DT, PS, SHAPES, PagedInputs, bench_graph, kv_bytes, layers_for  # noqa: E402
+from benchmarks.attention import (  # noqa: E402
+    DT,
+    PS,
+    SHAPES,
+    PagedInputs,
+    bench_graph,
+    kv_bytes,
+    layers_for,
+    print_table,
+)
 from specray.kernels.chunk_scores import ChunkScores  # noqa: E402
 from specray.kernels.paged_decode import PagedDecodeAttention, choose_num_splits  # noqa: E402
 from specray.kernels.sparse_pages import PageStats, SparsePageAttention  # noqa: E402
@@ -99,20 +108,11 @@ def part_sparse(args, rows, budget=512):
                 _checkpoint(args, rows)
                 inp = stats = sp = None
                 torch.cuda.empty_cache()
-    _table(
+    print_table(
         "UNIQUE sparse page attention, 512-token budget (us per layer; x = dense / sparse)",
         ["shape", "B", "ctx K", "dense us", "sparse us", "x", "sparse bw", "splits"],
         lines,
     )
-
-
-def _table(title, header, lines):
-    print(f"\n### {title}")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for line in lines:
-        print("| " + " | ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in line) + " |")
-    sys.stdout.flush()
 
 
 def _checkpoint(args, rows):
