@@ -181,10 +181,7 @@ class SpeculativeConfig:
             "speculative_config.method", self.method, ("none", "ngram", "draft_model", "sparse_self", "longspec")
         )
         _check_choice("speculative_config.draft_placement", self.draft_placement, ("colocated", "separate"))
-        if not 0.0 < self.draft_gpu_fraction <= 1.0:
-            raise ConfigError(
-                f"speculative_config.draft_gpu_fraction must be in (0, 1], got {self.draft_gpu_fraction}"
-            )
+        check_draft_gpu_fraction(self.draft_gpu_fraction)
         if self.num_speculative_tokens is not None:
             if self.num_speculative_tokens < 1:
                 raise ConfigError(
@@ -238,6 +235,11 @@ class EngineConfig:
         object.__setattr__(self, "cuda_graph_batch_sizes", tuple(sorted(set(self.cuda_graph_batch_sizes))))
         if any(b < 1 for b in self.cuda_graph_batch_sizes):
             raise ConfigError(f"cuda_graph_batch_sizes must be positive, got {self.cuda_graph_batch_sizes}")
+
+
+def check_draft_gpu_fraction(value: float) -> None:
+    if not 0.0 < value <= 1.0:
+        raise ConfigError(f"speculative_config.draft_gpu_fraction must be in (0, 1], got {value}")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from specray.config import check_draft_gpu_fraction
 from specray.errors import ConfigError
 
 
@@ -66,8 +67,7 @@ class EnginePlacement:
 def bundle_gpus(tp: int, separate_draft: bool, draft_gpu_fraction: float = 1.0) -> tuple[float, ...]:
     """GPUs of each bundle: one per target rank and one for a separate draft, or, when the draft takes a
     fraction f < 1, the last rank 1 - f and the draft f of the same GPU."""
-    if not 0.0 < draft_gpu_fraction <= 1.0:
-        raise ConfigError(f"speculative_config.draft_gpu_fraction must be in (0, 1], got {draft_gpu_fraction}")
+    check_draft_gpu_fraction(draft_gpu_fraction)
     gpus = [1.0] * tp
     if separate_draft:
         if draft_gpu_fraction < 1.0:
