@@ -185,7 +185,9 @@ def run_distributed(cfg, prompt, n, ray_address, warm: list[int]) -> dict[str, A
         snap: list[dict] = []
         row = timed_run(engine, prompt, n, at_first=lambda: snap.append(engine.stats()))
         before = snap[0]
-        row.update(leader_delta(before, engine.stats()), decode_graphs=graphs)
+        after = engine.stats()
+        row.update(leader_delta(before, after), decode_graphs=graphs, all_reduce=after.get("all_reduce"),
+                   verify_graph_sizes=after.get("verify_graph_sizes"))
         if "draft" in before:
             row["draft_actor"] = engine.stats()["draft"]
         return row
@@ -271,10 +273,15 @@ def main() -> None:
                 "tokens_equal_prefix": same, "tp1_ar": tp1, "tp2_separate_draft": tp2})
     if "latency" in args.sections:
         prompt = torch.randint(0, 128000, (args.latency_context,), generator=g).tolist()
-        rows = {f"tp{tp}": run_distributed(engine_config(target, max_len, tp), prompt, args.tokens,
-                                           args.ray_address, warm) for tp in (1, 2)}
+        # tp2: small all-reduces through symmetric memory (the default); tp2_nccl: NCCL only
+        variants = {"tp1": (1, False), "tp2": (2, False), "tp2_nccl": (2, True)}
+        rows = {name: run_distributed(engine_config(target, max_len, tp, disable_custom_all_reduce=nccl), prompt,
+                                      args.tokens, args.ray_address, warm)
+                for name, (tp, nccl) in variants.items()}
         ratio = rows["tp2"]["leader_ms_per_step"] / rows["tp1"]["leader_ms_per_step"]
         dump("latency", {"context": args.latency_context, "batch": 1, "tp2_over_tp1_step_latency": ratio,
+                         "tp2_nccl_over_tp1_step_latency":
+                             rows["tp2_nccl"]["leader_ms_per_step"] / rows["tp1"]["leader_ms_per_step"],
                          "tp2_over_tp1_driver_ms_per_token":
                              rows["tp2"]["decode_ms_per_token"] / rows["tp1"]["decode_ms_per_token"],
                          **{k: {kk: vv for kk, vv in v.items() if kk != "tokens"} for k, v in rows.items()}})

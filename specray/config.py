@@ -220,6 +220,8 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     ray_address: str | None = None  # None: start a local Ray cluster; "auto" or "ray://..." to connect
     overlap: bool = False  # draft_placement separate: draft step i+1 while the target verifies step i
+    # TP > 1 on CUDA: small all-reduces use PyTorch symmetric memory (one-shot, NVLink); True: NCCL only
+    disable_custom_all_reduce: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, ("auto", "float32", "float16", "bfloat16"))

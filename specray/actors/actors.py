@@ -12,6 +12,7 @@ serialises `add_request` / `abort` with `step()`, and the output queue the strea
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import threading
@@ -117,8 +118,9 @@ class TargetShard(_Member):
                     self._out.put(("error", f"leader step failed: {e!r}\n{traceback.format_exc()}"))
                     return
                 stats = self._counts()
-            if outs:
-                self._out.put(("outputs", outs, stats))
+            if outs:  # the driver keeps the prompt and the tokens so far: send only what is new
+                self._out.put(("outputs", [dataclasses.replace(o, prompt_token_ids=[], token_ids=[]) for o in outs],
+                               stats))
             time.sleep(0)  # let control calls (add_request, abort, counts) take the lock between steps
 
     def _counts(self) -> dict[str, int]:
@@ -156,7 +158,12 @@ class TargetShard(_Member):
         stale), so a busy loop never delays it."""
         eng = self.engine
         out: dict[str, Any] = {"plan": dict(getattr(eng.runner, "timings", {})), "loop": dict(self.loop_timings)}
+        reduce = getattr(eng.model, "reduce", None)  # TP > 1: how the shards all-reduce
+        out["all_reduce"] = None if reduce is None else (
+            "symmetric memory" if reduce.uses_symmetric_memory else f"torch.distributed ({reduce.fallback_reason})")
         if eng.spec is not None:
+            graphs = eng.spec.verify_graphs
+            out["verify_graph_sizes"] = sorted(graphs.graphs) if graphs is not None else []
             out["spec"] = {"num_drafts": eng.spec.stats.num_drafts,
                            "num_draft_tokens": eng.spec.stats.num_draft_tokens,
                            "num_accepted_tokens": eng.spec.stats.num_accepted_tokens,

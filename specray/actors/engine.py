@@ -15,6 +15,7 @@ refused, and `restart()` replaces all actors.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
@@ -54,6 +55,7 @@ class DistributedEngine:
         self._local_ray = local_ray or {}
         self._gen = 0  # incremented per start: threads of replaced actors cannot touch the new state
         self._live: set[str] = set()
+        self._sent: dict[str, tuple[list[int], list[int]]] = {}  # live request -> (prompt ids, tokens so far)
         self._orphans: set[str] = set()  # pending when restart() was called: they fail at the next step
         self._counts = {"num_running": 0, "num_waiting": 0, "pages_in_use": 0}
         self._start()
@@ -206,6 +208,7 @@ class DistributedEngine:
             raise RequestError(f"request id {request_id!r} is already in use")
         ids = self.encode(prompt)
         self._live.add(request_id)
+        self._sent[request_id] = (ids, [])
         try:
             self._call(self._shards[0].add_request.remote(request_id, ids, params))
         except ray.exceptions.RayTaskError as e:
@@ -280,9 +283,15 @@ class DistributedEngine:
             self._counts = item[2]
             for out in item[1]:
                 if out.request_id in self._live:
+                    # the leader streams only the new tokens: put back the prompt and all tokens so far
+                    prompt, tokens = self._sent[out.request_id]
+                    tokens.extend(out.new_token_ids)
+                    out = dataclasses.replace(out, prompt_token_ids=prompt, token_ids=list(tokens))
                     outputs.append(out)
                     if out.finished:
                         self._live.discard(out.request_id)
+        self._sent = {rid: v for rid, v in self._sent.items() if rid in self._live} if len(self._sent) > len(
+            self._live) else self._sent
         return outputs
 
     def generate(

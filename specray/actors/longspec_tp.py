@@ -25,13 +25,14 @@ import torch
 
 from specray.engine.attention import gather_kv
 from specray.models.tensor_parallel import RowParallelLinear
+from specray.models.tp_comm import TPAllReduce
 from specray.spec.longspec import GlideDraftLayer, LongSpecProposer, _Drafter, _RingState
 from specray.spec.proposers import draft_tree
 from specray.spec.types import DraftTree
 
 
 @torch.no_grad()
-def shard_glide(full: GlideDraftLayer, local, rank: int, tp: int, group: Any) -> GlideDraftLayer:
+def shard_glide(full: GlideDraftLayer, local, rank: int, tp: int, reduce: TPAllReduce) -> GlideDraftLayer:
     """Rank `rank`'s slice of a full draft layer (`local`: the target's rank-local `ModelArch`)."""
     dev, dtype = full.input_layernorm.weight.device, full.input_layernorm.weight.dtype
     out = GlideDraftLayer(local, full.window).to(device=dev, dtype=dtype)
@@ -56,7 +57,7 @@ def shard_glide(full: GlideDraftLayer, local, rank: int, tp: int, group: Any) ->
                                     (out.mlp, "down_proj", full.mlp.down_proj.weight, inter)):
         lin = RowParallelLinear(width, src.shape[0], bias=False, device=dev, dtype=dtype)
         lin.weight.copy_(src[:, rank * width : (rank + 1) * width])
-        lin.tp_group = group
+        lin.reduce = reduce
         setattr(owner, attr, lin)
     return out.eval()
 
@@ -66,7 +67,8 @@ class ShardedLongSpecProposer(LongSpecProposer):
         super().__init__(engine, cfg, window)  # builds (or loads) the full layer, then it is cut
         world = engine.world
         self.local = engine.model.arch
-        self.layer = shard_glide(self.layer, self.local, world.rank, world.layout.tp_size, world.tp_group)
+        self.layer = shard_glide(self.layer, self.local, world.rank, world.layout.tp_size,
+                                 engine.model.reduce)
         cap = self.scratch_k.shape[0]
         shape = (cap, self.local.num_kv_heads, self.local.head_dim)
         self.scratch_k = torch.zeros(shape, dtype=self.dtype, device=self.device)  # [S, Hkv/tp, D]

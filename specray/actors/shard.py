@@ -7,7 +7,8 @@ forward, a small host-side plan over `tp_cpu_group`:
 
     ("eager",  (host inputs, decode_only, sample_rows), moves)   prefill / decode, eager
     ("replay", (host inputs,), moves)                            decode through the CUDA graph
-    ("tokens", (forward_tokens kwargs,), moves)                  tree verification (tree masks on host)
+    ("tokens", (forward_tokens kwargs,), moves)                  eager tree verification (tree masks on host)
+    ("verify", (N, sizes, capture layer, size, staged), moves)   tree verification through the CUDA graph
     ("scores", (items, chunk_size), moves)                       retrieval chunk scores
     ("longspec", (op, ...), moves)                               a sharded LongSpec draft step (longspec_tp)
     ("stop",   (), moves)
@@ -37,6 +38,7 @@ from specray.errors import ConfigError
 from specray.models.checkpoint import Checkpoint
 from specray.models.decoder import DecoderLM
 from specray.models.tensor_parallel import TPContext, TPDecoderLM
+from specray.models.tp_comm import TPAllReduce
 
 # chunk-score request of one sequence: (page table, number of keys, row of the captured query)
 ScoreItem = tuple[list[int], int, int]
@@ -154,15 +156,17 @@ class ShardEngine(LLMEngine):
     def __init__(self, config: EngineConfig, world: W.World, checkpoint: Checkpoint | None = None):
         self.world = world
         self.decode_graphs = config.cuda_graphs
+        self.graph_serial = 0  # the leader's count of verification graph sets it has made
         cfg = config
         if world.layout.tp_size > 1:
-            # tree-verification CUDA graphs are not replayed in lock-step across shards: with TP > 1
-            # verification is eager; decode graphs are captured (and replayed) by every shard together
+            # the base engine's graph set-up is for one rank: shards capture decode graphs in `_build_runner`
+            # and verification graphs in `build_verify_graphs`, every shard together, replayed in lock-step
             cfg = dataclasses.replace(config, cuda_graphs=False)
         if world.rank != 0:
             cfg = dataclasses.replace(cfg, speculative_config=None, skip_tokenizer_init=True, overlap=False)
         super().__init__(cfg, checkpoint)
         self.mirror = None  # a follower's copy of a sharded draft (LongSpec) that runs in the leader's plans
+        self.follower_graphs: tuple[int, Any] | None = None  # a follower's (serial, VerifyGraphs) of the leader
         spec = config.speculative_config
         if world.rank != 0 and spec is not None and spec.method == "longspec" and world.layout.tp_size > 1:
             from specray.actors.longspec_tp import ShardedLongSpecProposer
@@ -177,7 +181,10 @@ class ShardEngine(LLMEngine):
         tp = self.world.layout.tp_size
         if tp == 1:
             return super()._build_model(ckpt)
-        ctx = TPContext(rank=self.world.rank, size=tp, group=self.world.tp_group)
+        reduce = TPAllReduce(self.world.tp_group, dtype=self.dtype, device=self.device,
+                             symmetric_memory=not self.config.disable_custom_all_reduce)
+        reduce.agree(self.world.tp_cpu_group)
+        ctx = TPContext(rank=self.world.rank, size=tp, group=self.world.tp_group, all_reduce=reduce)
         model = TPDecoderLM.empty_shard(self.arch, ctx, self.max_model_len + 1, self.dtype, self.device)
         model.load_shard(ckpt.weights)
         return model
@@ -211,6 +218,44 @@ class ShardEngine(LLMEngine):
             return ShardedLongSpecProposer(self, cfg, window=cfg.window)
         return super()._build_proposer(cfg)
 
+    def _graphable(self) -> bool:
+        return (self.decode_graphs and self.device.type == "cuda" and isinstance(self.backend, TritonAttentionBackend)
+                and all(w is None for w in self.arch.sliding_windows))
+
+    def build_verify_graphs(self, num_nodes: int, capture_layer: int | None):
+        """With TP > 1 the leader's verification graphs announce each replay (op "verify" with the staged
+        inputs), and every follower replays its own copy of the graph, captured at the same step."""
+        if self.world.layout.tp_size == 1:
+            return super().build_verify_graphs(num_nodes, capture_layer)
+        if not self._graphable():
+            return None
+        from specray.spec.verify_graph import VerifyGraphs
+
+        runner = self.runner
+        self.graph_serial += 1
+        serial = self.graph_serial  # names this set of graphs to the followers
+
+        class AnnouncedVerifyGraphs(VerifyGraphs):
+            def announce(self, size: int, width: int) -> None:
+                runner._announce("verify", serial, self.n, self.sizes, self.capture_layer, size,
+                                 self.staged(size, width))
+
+        return AnnouncedVerifyGraphs(self, num_nodes, self.runner.graph_batch_sizes or (1,), capture_layer)
+
+    def follow_verify(self, serial: int, num_nodes: int, sizes: tuple[int, ...], capture_layer: int | None,
+                      size: int, staged: tuple) -> None:
+        """A follower's half of a graphed verification: its copy of the leader's graph set `serial` (made on
+        first use, replacing an older set), the leader's staged inputs, the replay (its collectives pair
+        with the leader's; a size is captured on both sides at the same step)."""
+        from specray.spec.verify_graph import VerifyGraphs
+
+        if self.follower_graphs is None or self.follower_graphs[0] != serial:
+            self.follower_graphs = None  # free the old set's graphs before capturing new ones
+            self.follower_graphs = (serial, VerifyGraphs(self, num_nodes, tuple(sizes), capture_layer))
+        graphs = self.follower_graphs[1]
+        graphs.load_staged(size, staged)
+        graphs.launch(size)
+
     def stop_followers(self) -> None:
         if isinstance(self.runner, PlanRunner):
             self.runner.stop_followers()
@@ -238,6 +283,8 @@ def follow(engine: ShardEngine) -> None:
                                                                      torch.from_numpy(t[1]).to(dev))
                                for t in kw["trees"]]
             runner.forward_tokens(**kw)
+        elif op == "verify":
+            engine.follow_verify(*args)
         elif op == "scores":
             chunk_scores(engine, *args)
         elif op == "longspec":

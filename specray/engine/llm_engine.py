@@ -124,6 +124,17 @@ class LLMEngine:
 
         return build_proposer(self, cfg)
 
+    def build_verify_graphs(self, num_nodes: int, capture_layer: int | None):
+        """`VerifyGraphs` for tree verification on CUDA with the Triton backend and graphs on; else None."""
+        if not (self.device.type == "cuda" and self.config.cuda_graphs and isinstance(self.backend,
+                                                                                     TritonAttentionBackend)):
+            return None
+        if any(w is not None for w in self.arch.sliding_windows):
+            return None
+        from specray.spec.verify_graph import VerifyGraphs
+
+        return VerifyGraphs(self, num_nodes, self.runner.graph_batch_sizes or (1,), capture_layer)
+
     # ---- requests ------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -213,11 +224,13 @@ class LLMEngine:
             drafted = self.spec.step(batch.seqs)
             if drafted is not None:  # None: not enough pages or context for the tree; run plain AR
                 for seq, tokens in zip(batch.seqs, drafted, strict=True):
+                    kept = []  # tokens past a stop are dropped
                     for token in tokens:
                         if seq.finished:
                             break
                         self._append_token(seq, token)
-                    outputs.append(self._output(seq, tokens))
+                        kept.append(token)
+                    outputs.append(self._output(seq, kept))
                 self._drop_finished(batch.seqs)
                 return outputs
         sampled = self.runner.execute(batch)

@@ -35,6 +35,7 @@ from specray.models.arch import ModelArch
 from specray.models.checkpoint import WeightSource
 from specray.models.decoder import DecoderLM
 from specray.models.rope import RotaryEmbedding
+from specray.models.tp_comm import TPAllReduce
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,11 @@ class TPContext:
     rank: int  # rank within the tensor-parallel group
     size: int
     group: Any = None  # torch.distributed ProcessGroup of the tp ranks (None: the default group)
+    all_reduce: TPAllReduce | None = None  # None: torch.distributed.all_reduce over `group`
+
+    @property
+    def reduce(self) -> TPAllReduce:
+        return self.all_reduce if self.all_reduce is not None else TPAllReduce(self.group)
 
 
 def check_tp(arch: ModelArch, tp: int) -> None:
@@ -71,29 +77,26 @@ def local_arch(arch: ModelArch, tp: int) -> ModelArch:
 class RowParallelLinear(nn.Linear):
     """y = x_local @ W_local^T, summed over the tp ranks (no bias: O and down have none)."""
 
-    tp_group: Any = None
+    reduce: TPAllReduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in/tp] -> [T, out]
-        y = F.linear(x, self.weight)
-        dist.all_reduce(y, group=self.tp_group)
-        return y
+        return self.reduce(F.linear(x, self.weight))
 
 
 class VocabParallelEmbedding(nn.Module):
     """Rows [start, start + V/tp) of the (padded) embedding; the lookup is all-reduced over ranks."""
 
-    def __init__(self, num_local: int, dim: int, start: int, group: Any):
+    def __init__(self, num_local: int, dim: int, start: int, reduce: TPAllReduce):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_local, dim))
-        self.start, self.num_local, self.group = start, num_local, group
+        self.start, self.num_local, self.reduce = start, num_local, reduce
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, hidden]
         local = ids - self.start
         outside = (local < 0) | (local >= self.num_local)
         x = F.embedding(local.masked_fill(outside, 0), self.weight)
         x = x.masked_fill(outside[:, None], 0.0)
-        dist.all_reduce(x, group=self.group)
-        return x
+        return self.reduce(x)
 
 
 class TPDecoderLM(DecoderLM):
@@ -103,12 +106,13 @@ class TPDecoderLM(DecoderLM):
         arch = local_arch(full, tp.size)
         super().__init__(arch, max_positions, device)
         self.full_arch, self.tp = full, tp
+        self.reduce = reduce = tp.reduce  # every row-parallel layer and the embedding share it
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp.rank * arch.vocab_size,
-                                                   tp.group)
+                                                   reduce)
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            attn.o_proj = _row_parallel(attn.o_proj, tp.group)
-            mlp.down_proj = _row_parallel(mlp.down_proj, tp.group)
+            attn.o_proj = _row_parallel(attn.o_proj, reduce)
+            mlp.down_proj = _row_parallel(mlp.down_proj, reduce)
 
     @classmethod
     def empty_shard(cls, full: ModelArch, tp: TPContext, max_positions: int, dtype: torch.dtype,
@@ -130,9 +134,9 @@ class TPDecoderLM(DecoderLM):
         self.load_weights(ShardedWeightSource(source, self.full_arch, self.tp.rank, self.tp.size))
 
 
-def _row_parallel(linear: nn.Linear, group: Any) -> RowParallelLinear:
+def _row_parallel(linear: nn.Linear, reduce: TPAllReduce) -> RowParallelLinear:
     out = RowParallelLinear(linear.in_features, linear.out_features, bias=False, device=linear.weight.device)
-    out.tp_group = group
+    out.reduce = reduce
     return out
 
 

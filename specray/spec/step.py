@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from specray.config import SpeculativeConfig
-from specray.engine.attention import TreeAttention, TritonAttentionBackend
+from specray.engine.attention import TreeAttention
 from specray.engine.kv_cache import KVCache, pages_needed
 from specray.engine.model_runner import ModelRunner
 from specray.engine.sequence import Sequence
@@ -77,13 +77,8 @@ class SpeculativeDecoder:
         self.stats = SpecStats()
         self.timings = {"draft_s": 0.0, "verify_s": 0.0, "commit_s": 0.0}
         self.capture_layer = engine.arch.num_layers - 1 if getattr(proposer, "needs_target_q", False) else None
-        self.verify_graphs = None  # CUDA: verification replays a captured graph per batch size
-        graphable = isinstance(engine.backend, TritonAttentionBackend) and engine.config.cuda_graphs
-        if engine.device.type == "cuda" and graphable and all(w is None for w in engine.arch.sliding_windows):
-            from specray.spec.verify_graph import VerifyGraphs
-
-            sizes = engine.runner.graph_batch_sizes or (1,)
-            self.verify_graphs = VerifyGraphs(engine, tree_cfg.num_nodes, sizes, self.capture_layer)
+        # CUDA: verification replays a captured graph per batch size (None: eager)
+        self.verify_graphs = engine.build_verify_graphs(tree_cfg.num_nodes, self.capture_layer)
 
     def _sync(self) -> None:
         if self.engine.device.type == "cuda":

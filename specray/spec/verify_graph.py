@@ -71,6 +71,15 @@ class VerifyGraphs:
 
     @torch.inference_mode()
     def _capture(self, b: int) -> None:
+        ps = self.engine.cache.spec.page_size
+        # the warm-up forward runs on the static buffers: point every write at the scratch page first, so
+        # it cannot touch a live sequence's slots left there by an earlier replay
+        self.d_tok.zero_()
+        self.d_tok[2].fill_(SCRATCH_PAGE * ps)
+        self.d_tree_slots.fill_(SCRATCH_PAGE * ps)
+        self.d_seq.zero_()
+        self.d_tables.zero_()
+        self.d_mask.copy_(torch.eye(self.n, dtype=torch.bool, device=self.d_mask.device).expand_as(self.d_mask))
         self._forward(b)  # warm-up: Triton compiles, workspaces are allocated outside the graph
         torch.cuda.synchronize(self.engine.device)
         graph = torch.cuda.CUDAGraph()
@@ -81,16 +90,8 @@ class VerifyGraphs:
         self._pool = graph.pool()
         self.graphs[b] = graph
 
-    @torch.inference_mode()
-    def run(
-        self, seqs: list[Sequence], trees: list[DraftTree], prefix: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits [sum n_i, V] of the real nodes (tree order, sequence after sequence), and the last
-        layer's post-RoPE queries of those rows when a capture layer is set."""
-        b = len(seqs)
-        size = self.size_for(b)
-        if size not in self.graphs:
-            self._capture(size)
+    def _stage(self, seqs: list[Sequence], trees: list[DraftTree], prefix: list[int], size: int) -> list[int]:
+        """Fill the pinned host buffers for a batch padded to `size`; the rows of the real nodes."""
         n = self.n
         ps = self.engine.cache.spec.page_size
         self.h_tok[:, : size * n].zero_()
@@ -112,15 +113,54 @@ class VerifyGraphs:
             self.h_tables[i, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
             self.h_seq[i] = p
             rows.extend(range(base, base + k))
-        for i in range(b, size):  # padding sequences write into the scratch page
+        for i in range(len(seqs), size):  # padding sequences write into the scratch page
             self.h_tok[2, i * n : (i + 1) * n] = SCRATCH_PAGE * ps
             self.h_tree_slots[i] = SCRATCH_PAGE * ps
+        return rows
+
+    def staged(self, size: int, width: int) -> tuple:
+        """The staged host inputs of a `size` batch as numpy arrays (page tables cut to `width` columns),
+        for a tensor-parallel follower's `load_staged`."""
+        n = self.n
+        return (self.h_tok[:, : size * n].numpy().copy(), self.h_seq[:size].numpy().copy(),
+                self.h_tree_slots[:size].numpy().copy(), self.h_mask[:size].numpy().copy(),
+                self.h_tables[:size, :width].numpy().copy())
+
+    def load_staged(self, size: int, arrays: tuple) -> None:
+        tok, seq, tree_slots, mask, tables = (torch.from_numpy(a) for a in arrays)
+        n = self.n
+        self.h_tok[:, : size * n] = tok
+        self.h_seq[:size] = seq
+        self.h_tree_slots[:size] = tree_slots
+        self.h_mask[:size] = mask
+        self.h_tables[:size].zero_()
+        self.h_tables[:size, : tables.shape[1]] = tables
+
+    def launch(self, size: int) -> None:
+        """Capture the `size` graph on first use, copy the staged inputs to the device and replay it."""
+        if size not in self.graphs:
+            self._capture(size)
+        n = self.n
         self.d_tok[:, : size * n].copy_(self.h_tok[:, : size * n], non_blocking=True)
         self.d_seq[:size].copy_(self.h_seq[:size], non_blocking=True)
         self.d_tree_slots[:size].copy_(self.h_tree_slots[:size], non_blocking=True)
         self.d_mask[:size].copy_(self.h_mask[:size], non_blocking=True)
         self.d_tables[:size].copy_(self.h_tables[:size], non_blocking=True)
         self.graphs[size].replay()
+
+    def announce(self, size: int, width: int) -> None:
+        """Hook before a launch (tensor-parallel leaders send the staged inputs to the followers)."""
+
+    @torch.inference_mode()
+    def run(
+        self, seqs: list[Sequence], trees: list[DraftTree], prefix: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits [sum n_i, V] of the real nodes (tree order, sequence after sequence), and the last
+        layer's post-RoPE queries of those rows when a capture layer is set."""
+        size = self.size_for(len(seqs))
+        rows = self._stage(seqs, trees, prefix, size)
+        self.announce(size, max(len(s.pages) for s in seqs))
+        self.launch(size)
         index = torch.tensor(rows, dtype=torch.int64, device=self.engine.device)
         q = self.q_out[size][index] if self.capture_layer is not None else None
         return self.logits[size][index], q

@@ -1,0 +1,90 @@
+"""The tensor-parallel all-reduce of one rank: NCCL / gloo, or PyTorch symmetric memory on one host.
+
+Owns, when symmetric memory is in use, one symmetric buffer of `max_bytes` for the model's dtype. It is
+allocated and rendezvoused once, when the shard's model is built, so every rank does it at the same point.
+
+A sum of at most `max_bytes` goes through PyTorch's one-shot symmetric-memory kernel. Every rank puts its
+partial in its buffer, then reads its peers' buffers over NVLink and sums them in rank order, so all ranks
+get the same bits. On 2 H200s that takes 6–8 µs for a decode step's 8 KB activation, against 13 µs for
+NCCL (`benchmarks/allreduce.py`). A row-parallel layer issues two of these per transformer layer.
+
+Everything else uses `torch.distributed.all_reduce`: larger tensors, dtypes the kernel does not take
+(it takes bf16 and fp32), CPU worlds (gloo), and hosts where symmetric memory cannot be set up (the
+reason is kept in `fallback_reason`). Both paths can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+_SYMM_DTYPES = (torch.bfloat16, torch.float32)
+
+
+class TPAllReduce:
+    def __init__(self, group: Any = None, *, dtype: torch.dtype | None = None, device: torch.device | None = None,
+                 symmetric_memory: bool = False, max_bytes: int = 1 << 21):
+        self.group = group
+        self.max_bytes = max_bytes
+        self.buffer: torch.Tensor | None = None  # [max_bytes // itemsize] symmetric, dtype `dtype`
+        self.group_name = ""
+        self.copy_in = False  # the op copies the local partial into the buffer itself
+        self.fallback_reason = "symmetric memory not requested"
+        if symmetric_memory:
+            self.fallback_reason = self._setup(dtype, device)
+
+    @property
+    def uses_symmetric_memory(self) -> bool:
+        return self.buffer is not None
+
+    def _setup(self, dtype: torch.dtype | None, device: torch.device | None) -> str:
+        """Allocate and rendezvous the buffer; '' on success, else why not (every rank reaches the same answer
+        for the same setup, and the rendezvous is the only collective)."""
+        if device is None or device.type != "cuda":
+            return "not a CUDA device"
+        if dtype not in _SYMM_DTYPES:
+            return f"the one-shot kernel does not take {dtype}"
+        if dist.get_backend(self.group) != "nccl":
+            return "the tensor-parallel group is not NCCL"
+        try:
+            import torch.distributed._symmetric_memory as symm_mem
+
+            group = self.group if self.group is not None else dist.group.WORLD
+            name = group.group_name
+            if hasattr(symm_mem, "enable_symm_mem_for_group"):
+                symm_mem.enable_symm_mem_for_group(name)
+            buf = symm_mem.empty(self.max_bytes // torch.tensor([], dtype=dtype).element_size(), dtype=dtype,
+                                 device=device)
+            symm_mem.rendezvous(buf, name)
+        except Exception as e:  # noqa: BLE001 - no symmetric memory here: NCCL it is, and say why
+            return f"{type(e).__name__}: {e}"
+        self.buffer, self.group_name = buf, name
+        self.copy_in = hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out")
+        return ""
+
+    def agree(self, cpu_group: Any) -> None:
+        """Use symmetric memory only if every rank set it up (a gloo all-reduce of the flag), so the ranks
+        never pair a one-shot kernel with an NCCL call."""
+        flag = torch.tensor([int(self.buffer is not None)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=cpu_group)
+        if not flag.item() and self.buffer is not None:
+            self.buffer = None
+            self.fallback_reason = "another rank could not set up symmetric memory"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum of `x` over the ranks (any shape): a new tensor on the symmetric path, `x` itself otherwise."""
+        buf = self.buffer
+        if (buf is None or x.dtype != buf.dtype or x.numel() > buf.numel() or not x.is_contiguous()
+                or x.storage_offset() != 0):  # the kernel wants the buffer's alignment
+            dist.all_reduce(x, group=self.group)
+            return x
+        n = x.numel()
+        out = torch.empty_like(x)
+        if self.copy_in:
+            torch.ops.symm_mem.one_shot_all_reduce_copy_out(buf[:n], x.view(-1), "sum", self.group_name, out.view(-1))
+        else:
+            buf[:n].copy_(x.view(-1))
+            torch.ops.symm_mem.one_shot_all_reduce_out(buf[:n], "sum", self.group_name, out.view(-1))
+        return out
