@@ -165,7 +165,7 @@ def leader_delta(before: dict, after: dict) -> dict[str, Any]:
         a, b = before.get(section, {}), after.get(section, {})
         return {k: b[k] - a.get(k, 0) for k in b if isinstance(b[k], (int, float))}
 
-    loop, plan, spec = diff("loop"), diff("plan"), diff("spec")
+    loop, plan, spec, dec = diff("loop"), diff("plan"), diff("spec"), diff("decode")
     steps = max(loop.get("num_steps", 0), 1)
     drafts = max(spec.get("num_drafts", 0), 1)
     out = {"leader_steps": loop.get("num_steps", 0), "leader_ms_per_step": 1e3 * loop.get("step_s", 0) / steps,
@@ -175,15 +175,26 @@ def leader_delta(before: dict, after: dict) -> dict[str, Any]:
             out[k.replace("_s", "_ms_per_spec_step")] = 1e3 * spec[k] / drafts
     if spec:
         out["spec_steps"] = spec.get("num_drafts", 0)
+    if dec.get("num_replays"):  # graphed decode steps: host before launch, wait for tokens, GPU time of the replay
+        n = dec["num_replays"]
+        out.update({f"decode_{k[:-2]}_ms": 1e3 * dec[k] / n for k in ("host_s", "wait_s", "gpu_s")})
     return out
 
 
-def run_distributed(cfg, prompt, n, ray_address, warm: list[int]) -> dict[str, Any]:
+def run_distributed(cfg, prompt, n, ray_address, warm: list[int], profile_steps: int = 0) -> dict[str, Any]:
     engine, graphs = start_distributed(cfg, ray_address)
     try:
         timed_run(engine, warm, 16)
         snap: list[dict] = []
-        row = timed_run(engine, prompt, n, at_first=lambda: snap.append(engine.stats()))
+
+        def at_first() -> None:
+            snap.append(engine.stats())
+            if profile_steps:
+                engine._call(engine.shards[0].profile.remote(profile_steps))
+
+        row = timed_run(engine, prompt, n, at_first=at_first)
+        if profile_steps:
+            row["profile"] = engine._call(engine.shards[0].profile_result.remote())
         before = snap[0]
         after = engine.stats()
         row.update(leader_delta(before, after), decode_graphs=graphs, all_reduce=after.get("all_reduce"),
@@ -236,6 +247,9 @@ def main() -> None:
     ap.add_argument("--latency-context", type=int, default=32768)
     ap.add_argument("--pair-context", type=int, default=16384)
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="latency: also profile this many leader decode steps (after the timed window starts; "
+                         "the profiled steps are slower, so use a separate run for the timing)")
     ap.add_argument("--target", help="Qwen2.5-Coder-1.5B (HF dir or GGUF) for the pair section")
     ap.add_argument("--draft", help="Qwen2.5-Coder-0.5B for the pair section")
     ap.add_argument("--tokenizer", default=None)
@@ -276,8 +290,11 @@ def main() -> None:
         # tp2: small all-reduces through symmetric memory (the default); tp2_nccl: NCCL only
         variants = {"tp1": (1, False), "tp2": (2, False), "tp2_nccl": (2, True)}
         rows = {name: run_distributed(engine_config(target, max_len, tp, disable_custom_all_reduce=nccl), prompt,
-                                      args.tokens, args.ray_address, warm)
+                                      args.tokens, args.ray_address, warm, profile_steps=args.profile_steps)
                 for name, (tp, nccl) in variants.items()}
+        for name, row in rows.items():  # kernel tables of the profiled steps, one text file per variant
+            if row.get("profile"):
+                (out / f"latency-profile-{name}.txt").write_text(row.pop("profile"))
         ratio = rows["tp2"]["leader_ms_per_step"] / rows["tp1"]["leader_ms_per_step"]
         dump("latency", {"context": args.latency_context, "batch": 1, "tp2_over_tp1_step_latency": ratio,
                          "tp2_nccl_over_tp1_step_latency":

@@ -80,6 +80,7 @@ class TargetShard(_Member):
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.loop_timings = {"step_s": 0.0, "num_steps": 0}
+        self._profile: dict[str, Any] | None = None  # see profile()
 
     def build(self, config: EngineConfig) -> dict[str, Any]:
         from specray.actors.shard import ShardEngine
@@ -111,6 +112,8 @@ class TargetShard(_Member):
             with self._lock:
                 t0 = time.perf_counter()
                 try:
+                    if self._profile is not None:
+                        self._profile_tick()
                     outs = eng.step()
                     self.loop_timings["step_s"] += time.perf_counter() - t0
                     self.loop_timings["num_steps"] += 1
@@ -122,6 +125,29 @@ class TargetShard(_Member):
                 self._out.put(("outputs", [dataclasses.replace(o, prompt_token_ids=[], token_ids=[]) for o in outs],
                                stats))
             time.sleep(0)  # let control calls (add_request, abort, counts) take the lock between steps
+
+    def profile(self, num_steps: int) -> None:
+        """Profile the next `num_steps` leader steps (torch.profiler, CPU and CUDA, graph kernels included);
+        `profile_result()` returns the kernel table once they ran."""
+        self._profile = {"left": num_steps + 1, "prof": None, "table": None}
+
+    def _profile_tick(self) -> None:
+        p = self._profile
+        if p["prof"] is None and p["left"] > 0:
+            from torch.profiler import ProfilerActivity, profile
+
+            p["prof"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            p["prof"].__enter__()
+        p["left"] -= 1
+        if p["left"] == 0 and p["prof"] is not None:
+            torch.cuda.synchronize()
+            p["prof"].__exit__(None, None, None)
+            p["table"] = p["prof"].key_averages().table(sort_by="device_time_total", row_limit=40,
+                                                        max_name_column_width=70)
+            p["prof"], p["left"] = None, -1
+
+    def profile_result(self) -> str | None:
+        return None if self._profile is None else self._profile["table"]
 
     def _counts(self) -> dict[str, int]:
         eng = self.engine
@@ -157,7 +183,8 @@ class TargetShard(_Member):
         """Counters only the step thread writes; read without the lock (a snapshot may be one step
         stale), so a busy loop never delays it."""
         eng = self.engine
-        out: dict[str, Any] = {"plan": dict(getattr(eng.runner, "timings", {})), "loop": dict(self.loop_timings)}
+        out: dict[str, Any] = {"plan": dict(getattr(eng.runner, "timings", {})), "loop": dict(self.loop_timings),
+                               "decode": dict(eng.runner.decode_timings)}
         reduce = getattr(eng.model, "reduce", None)  # TP > 1: how the shards all-reduce
         out["all_reduce"] = None if reduce is None else (
             "symmetric memory" if reduce.uses_symmetric_memory else f"torch.distributed ({reduce.fallback_reason})")

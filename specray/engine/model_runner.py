@@ -8,6 +8,8 @@ padding rows write into the scratch page).
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from specray.engine.attention import AttentionBackend, AttentionMetadata, TreeAttention
@@ -40,8 +42,12 @@ class ModelRunner:
         self.max_pages = pages_needed(max_model_len, self.page_size)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_batch_sizes = tuple(sorted(graph_batch_sizes))
+        # graphed decode steps: host time before the replay is launched (inputs, plan, copies), time
+        # waiting for the sampled tokens after it, and the replay's GPU time (CUDA events, read after the sync)
+        self.decode_timings = {"host_s": 0.0, "wait_s": 0.0, "gpu_s": 0.0, "num_replays": 0}
         if self.graph_batch_sizes:
             self._capture_graphs()
+            self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
 
     # ---- inputs --------------------------------------------------------------------------------
     def _host_inputs(self, batch: ScheduledBatch) -> HostInputs:
@@ -71,15 +77,26 @@ class ModelRunner:
             i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True))
             if s.num_computed + n == s.num_tokens
         ]
+        t0 = time.perf_counter()
         inputs = self._host_inputs(batch)
-        if batch.decode_only and self._graph_size(len(batch.seqs)) is not None:
+        graphed = batch.decode_only and self._graph_size(len(batch.seqs)) is not None
+        if graphed:
+            self._events[0].record()
             logits = self.replay(inputs)
+            self._events[1].record()
         else:
             logits = self.run_eager(inputs, batch.decode_only, sample_rows)
         if not sample_rows:
             return [None] * len(batch.seqs)
         seqs = [batch.seqs[i] for i in sample_rows]
+        t1 = time.perf_counter()
         tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
+        if graphed:
+            t = self.decode_timings
+            t["host_s"] += t1 - t0
+            t["wait_s"] += time.perf_counter() - t1
+            t["gpu_s"] += 1e-3 * self._events[0].elapsed_time(self._events[1])
+            t["num_replays"] += 1
         result: list[int | None] = [None] * len(batch.seqs)
         for i, t in zip(sample_rows, tokens, strict=True):
             result[i] = t
