@@ -94,3 +94,23 @@ def test_greedy_output_equals_ar(models, prompts, reference, method, tree):
         # the ~270-token contexts
         per_token = proposer.cache.spec.bytes_per_page // 8
         assert proposer.peak_kv_bytes <= 3 * (6 * 8 + 4 * 5 + 16 + 8 + TREES[tree].max_build_nodes) * per_token
+
+
+def test_streamed_new_tokens_add_up_to_the_output_when_a_stop_token_cuts_a_step(models, prompts, reference):
+    """A speculative step may accept tokens past a stop token; the step's `new_token_ids` must hold only
+    the tokens kept, so a client that concatenates them (the distributed engine's driver does) gets the
+    final `token_ids`. The oracle is AR's output cut at the stop token."""
+    target, draft = models
+    stop = reference[0][40]  # a token that occurs in AR's output: the run stops at its first occurrence
+    cut = reference[0][: reference[0].index(stop) + 1]
+    engine = _engine(target, SpeculativeConfig(method="draft_model", model=str(draft), tree=TREES["chain"]))
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, stop_token_ids=[stop])
+    engine.add_request("r", prompts[0], params)
+    streamed, final = [], None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            streamed.extend(out.new_token_ids)
+            final = out
+    assert final.finished and final.finish_reason == "stop"
+    assert final.token_ids == cut
+    assert streamed == cut

@@ -145,3 +145,15 @@ def test_distributed_engine_rejects_unsupported_speculation(spec, tp, match):
 
     with pytest.raises(ConfigError, match=match):
         check_distributed_config(load_engine_config({"speculative_config": spec, "tensor_parallel_size": tp}))
+
+
+def test_all_reduce_says_why_it_falls_back_to_torch_distributed():
+    """Symmetric memory is CUDA-only: on a CPU shard (or with fp16 weights) `TPAllReduce` keeps
+    torch.distributed and names the reason, which the leader's stats report."""
+    from specray.models.tp_comm import TPAllReduce
+
+    red = TPAllReduce(None, dtype=torch.float32, device=torch.device("cpu"), symmetric_memory=True)
+    assert not red.uses_symmetric_memory and red.fallback_reason == "not a CUDA device"
+    red = TPAllReduce(None, dtype=torch.float16, device=torch.device("cuda", 0), symmetric_memory=True)
+    assert not red.uses_symmetric_memory and "float16" in red.fallback_reason
+    assert TPAllReduce(None).fallback_reason == "symmetric memory not requested"
