@@ -129,20 +129,26 @@ class TargetShard(_Member):
     def profile(self, num_steps: int) -> None:
         """Profile the next `num_steps` leader steps (torch.profiler, CPU and CUDA, graph kernels included);
         `profile_result()` returns the kernel table once they ran."""
-        self._profile = {"left": num_steps + 1, "prof": None, "table": None}
+        with self._lock:  # between steps: a window still open is closed first
+            if self._profile is not None and self._profile["prof"] is not None:
+                self._profile["prof"].__exit__(None, None, None)
+            self._profile = {"left": num_steps + 1, "prof": None, "table": None}
 
     def _profile_tick(self) -> None:
         p = self._profile
+        cuda = self.engine.device.type == "cuda"
         if p["prof"] is None and p["left"] > 0:
             from torch.profiler import ProfilerActivity, profile
 
-            p["prof"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            p["prof"] = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
             p["prof"].__enter__()
         p["left"] -= 1
         if p["left"] == 0 and p["prof"] is not None:
-            torch.cuda.synchronize()
+            if cuda:
+                torch.cuda.synchronize()
             p["prof"].__exit__(None, None, None)
-            p["table"] = p["prof"].key_averages().table(sort_by="device_time_total", row_limit=40,
+            p["table"] = p["prof"].key_averages().table(sort_by="device_time_total" if cuda else "cpu_time_total",
+                                                        row_limit=40,
                                                         max_name_column_width=70)
             p["prof"], p["left"] = None, -1
 

@@ -176,6 +176,7 @@ class DistributedEngine:
         """Replace every actor. Requests still pending fail with `EngineUnhealthyError` at the next step."""
         self._orphans |= self._live
         self._live = set()
+        self._sent.clear()
         self.shutdown(graceful=self._error is None)
         self._start()
 
@@ -212,15 +213,15 @@ class DistributedEngine:
         try:
             self._call(self._shards[0].add_request.remote(request_id, ids, params))
         except ray.exceptions.RayTaskError as e:
-            self._live.discard(request_id)
+            self._forget(request_id)
             cause = getattr(e, "cause", None)
             raise (cause if isinstance(cause, SpecrayError) else e) from None
         except ray.exceptions.RayActorError as e:
-            self._live.discard(request_id)
+            self._forget(request_id)
             self._fail(f"the leader shard died: {e!r}")
             self.check_health()
         except EngineUnhealthyError:
-            self._live.discard(request_id)
+            self._forget(request_id)
             raise
 
     def abort(self, request_id: str) -> bool:
@@ -230,13 +231,18 @@ class DistributedEngine:
             return True
         if request_id not in self._live:
             return False
-        self._live.discard(request_id)
+        self._forget(request_id)
         if self._error is not None:
             return True
         try:
             return self._call(self._shards[0].abort.remote(request_id))
         except Exception:  # noqa: BLE001 - the monitor reports the dead actor
             return True
+
+    def _forget(self, request_id: str) -> None:
+        """The request is no longer live here (finished, aborted or refused): drop its stream state."""
+        self._live.discard(request_id)
+        self._sent.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._live or self._orphans)
@@ -275,6 +281,7 @@ class DistributedEngine:
                 break
         if self._error is not None:
             failed, self._live = sorted(self._live), set()
+            self._sent.clear()
             raise EngineUnhealthyError(f"{self._error} ({len(failed)} pending requests failed: {failed[:8]})")
         outputs: list[RequestOutput] = []
         for item in items:
@@ -289,9 +296,7 @@ class DistributedEngine:
                     out = dataclasses.replace(out, prompt_token_ids=prompt, token_ids=list(tokens))
                     outputs.append(out)
                     if out.finished:
-                        self._live.discard(out.request_id)
-        self._sent = {rid: v for rid, v in self._sent.items() if rid in self._live} if len(self._sent) > len(
-            self._live) else self._sent
+                        self._forget(out.request_id)
         return outputs
 
     def generate(

@@ -182,7 +182,8 @@ class ShardEngine(LLMEngine):
         if tp == 1:
             return super()._build_model(ckpt)
         reduce = TPAllReduce(self.world.tp_group, dtype=self.dtype, device=self.device,
-                             symmetric_memory=not self.config.disable_custom_all_reduce)
+                             symmetric_memory=not self.config.disable_custom_all_reduce,
+                             cpu_group=self.world.tp_cpu_group)
         reduce.agree(self.world.tp_cpu_group)
         ctx = TPContext(rank=self.world.rank, size=tp, group=self.world.tp_group, all_reduce=reduce)
         model = TPDecoderLM.empty_shard(self.arch, ctx, self.max_model_len + 1, self.dtype, self.device)
@@ -236,17 +237,18 @@ class ShardEngine(LLMEngine):
         serial = self.graph_serial  # names this set of graphs to the followers
 
         class AnnouncedVerifyGraphs(VerifyGraphs):
-            def announce(self, size: int, width: int) -> None:
+            def announce(self, size: int, width: int, rows: list[int]) -> None:
                 runner._announce("verify", serial, self.n, self.sizes, self.capture_layer, size,
-                                 self.staged(size, width))
+                                 self.staged(size, width), rows)
 
         return AnnouncedVerifyGraphs(self, num_nodes, self.runner.graph_batch_sizes or (1,), capture_layer)
 
     def follow_verify(self, serial: int, num_nodes: int, sizes: tuple[int, ...], capture_layer: int | None,
-                      size: int, staged: tuple) -> None:
+                      size: int, staged: tuple, rows: list[int]) -> None:
         """A follower's half of a graphed verification: its copy of the leader's graph set `serial` (made on
         first use, replacing an older set), the leader's staged inputs, the replay (its collectives pair
-        with the leader's; a size is captured on both sides at the same step)."""
+        with the leader's; a size is captured on both sides at the same step). With a capture layer, the
+        real rows' queries become `backend.captured_q`, packed as the leader's, for the next chunk scores."""
         from specray.spec.verify_graph import VerifyGraphs
 
         if self.follower_graphs is None or self.follower_graphs[0] != serial:
@@ -255,6 +257,9 @@ class ShardEngine(LLMEngine):
         graphs = self.follower_graphs[1]
         graphs.load_staged(size, staged)
         graphs.launch(size)
+        if capture_layer is not None:
+            index = torch.tensor(rows, dtype=torch.int64, device=self.device)
+            self.backend.captured_q = graphs.q_out[size][index]  # [real rows, Hq/tp, D]
 
     def stop_followers(self) -> None:
         if isinstance(self.runner, PlanRunner):

@@ -25,7 +25,7 @@ _SYMM_DTYPES = (torch.bfloat16, torch.float32)
 
 class TPAllReduce:
     def __init__(self, group: Any = None, *, dtype: torch.dtype | None = None, device: torch.device | None = None,
-                 symmetric_memory: bool = False, max_bytes: int = 1 << 21):
+                 symmetric_memory: bool = False, max_bytes: int = 1 << 21, cpu_group: Any = None):
         self.group = group
         self.max_bytes = max_bytes
         self.buffer: torch.Tensor | None = None  # [max_bytes // itemsize] symmetric, dtype `dtype`
@@ -33,32 +33,46 @@ class TPAllReduce:
         self.copy_in = False  # the op copies the local partial into the buffer itself
         self.fallback_reason = "symmetric memory not requested"
         if symmetric_memory:
-            self.fallback_reason = self._setup(dtype, device)
+            self.fallback_reason = self._setup(dtype, device, cpu_group)
 
     @property
     def uses_symmetric_memory(self) -> bool:
         return self.buffer is not None
 
-    def _setup(self, dtype: torch.dtype | None, device: torch.device | None) -> str:
-        """Allocate and rendezvous the buffer; '' on success, else why not (every rank reaches the same answer
-        for the same setup, and the rendezvous is the only collective)."""
+    def _setup(self, dtype: torch.dtype | None, device: torch.device | None, cpu_group: Any) -> str:
+        """Allocate and rendezvous the buffer; '' on success, else why not. The checks before the allocation
+        give every rank the same answer; after it, the ranks agree over `cpu_group` (gloo) before the
+        rendezvous, so one rank's failed allocation cannot leave the others waiting in it."""
         if device is None or device.type != "cuda":
             return "not a CUDA device"
         if dtype not in _SYMM_DTYPES:
             return f"the one-shot kernel does not take {dtype}"
         if dist.get_backend(self.group) != "nccl":
             return "the tensor-parallel group is not NCCL"
-        try:
+        try:  # the same installation on every rank: the same answer
             import torch.distributed._symmetric_memory as symm_mem
-
-            group = self.group if self.group is not None else dist.group.WORLD
-            name = group.group_name
+        except ImportError as e:
+            return f"no symmetric memory in this torch build ({e})"
+        group = self.group if self.group is not None else dist.group.WORLD
+        name = group.group_name
+        reason = ""
+        try:
             if hasattr(symm_mem, "enable_symm_mem_for_group"):
                 symm_mem.enable_symm_mem_for_group(name)
             buf = symm_mem.empty(self.max_bytes // torch.tensor([], dtype=dtype).element_size(), dtype=dtype,
                                  device=device)
-            symm_mem.rendezvous(buf, name)
         except Exception as e:  # noqa: BLE001 - no symmetric memory here: NCCL it is, and say why
+            reason = f"{type(e).__name__}: {e}"
+        if cpu_group is not None:
+            ok = torch.tensor([int(not reason)])
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=cpu_group)
+            if not ok.item():
+                return reason or "another rank could not allocate symmetric memory"
+        if reason:
+            return reason
+        try:
+            symm_mem.rendezvous(buf, name)
+        except Exception as e:  # noqa: BLE001
             return f"{type(e).__name__}: {e}"
         self.buffer, self.group_name = buf, name
         self.copy_in = hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out")

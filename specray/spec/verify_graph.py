@@ -148,8 +148,9 @@ class VerifyGraphs:
         self.d_tables[:size].copy_(self.h_tables[:size], non_blocking=True)
         self.graphs[size].replay()
 
-    def announce(self, size: int, width: int) -> None:
-        """Hook before a launch (tensor-parallel leaders send the staged inputs to the followers)."""
+    def announce(self, size: int, width: int, rows: list[int]) -> None:
+        """Hook before a launch (tensor-parallel leaders send the staged inputs and the real rows to the
+        followers)."""
 
     @torch.inference_mode()
     def run(
@@ -159,7 +160,7 @@ class VerifyGraphs:
         layer's post-RoPE queries of those rows when a capture layer is set."""
         size = self.size_for(len(seqs))
         rows = self._stage(seqs, trees, prefix, size)
-        self.announce(size, max(len(s.pages) for s in seqs))
+        self.announce(size, max(len(s.pages) for s in seqs), rows)
         self.launch(size)
         index = torch.tensor(rows, dtype=torch.int64, device=self.engine.device)
         q = self.q_out[size][index] if self.capture_layer is not None else None

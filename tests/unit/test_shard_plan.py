@@ -61,7 +61,7 @@ def _rank(rank: int, config: EngineConfig, rendezvous: str, prompts, out: str) -
     engine = ShardEngine(config, world)
     if rank == 1:
         follow(engine)
-        return
+        _leave()
     trees = _record_trees(engine)
     outs = engine.generate(prompts, PARAMS)
     stats = {"plans": engine.runner.timings["num_plans"], "drafts": engine.spec.stats.num_drafts,
@@ -69,6 +69,19 @@ def _rank(rank: int, config: EngineConfig, rendezvous: str, prompts, out: str) -
              "accepted": engine.spec.stats.num_accepted_tokens, "pages": engine.pages_in_use(), "trees": trees}
     engine.stop_followers()
     torch.save({"tokens": [o.token_ids for o in outs], **stats}, out)
+    _leave()
+
+
+def _leave() -> None:
+    """Both ranks meet, destroy the gloo group and exit at once: under load, a gloo worker's interpreter
+    teardown has SIGABRT'ed after its results were saved (the same guard as test_tensor_parallel)."""
+    import os
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
 
 
 @pytest.mark.parametrize("method", ["draft_model", "longspec"])
