@@ -6,7 +6,8 @@
 - `DistributedEngine` with TP=2 (NCCL, symmetric-memory all-reduce, decode and tree-verification CUDA
   graphs replayed in lock-step on both shards) gives, in fp32, the greedy tokens of the in-process
   single-GPU `LLMEngine` without speculation (the oracle), for ngram and for a draft model with
-  Cross-model Retrieval; the leader really replayed verification graphs.
+  Cross-model Retrieval, also when the batch grows into a larger graph after a smaller one was captured
+  (the followers' retrieval queries come from the replayed size); the leader replayed both sizes.
 """
 
 from __future__ import annotations
@@ -149,12 +150,15 @@ def test_tp2_graphed_verification_equals_single_gpu_ar(models):
         for name, spec in specs.items():
             engine = DistributedEngine(_config(target, 2, spec))
             try:
+                # one request first (the batch-1 graph is captured), then all three: the batch grows into a
+                # larger graph, whose retrieval queries the followers must read from the replayed size
+                first = [o.token_ids for o in engine.generate(prompts[:1], params)]
                 outs = [o.token_ids for o in engine.generate(prompts, params)]
                 stats = engine.stats()
             finally:
                 engine.shutdown()
-            assert outs == ref, name
-            assert stats["verify_graph_sizes"], f"{name}: the leader never replayed a verification graph"
+            assert first == ref[:1] and outs == ref, name
+            assert len(stats["verify_graph_sizes"]) >= 2, f"{name}: replayed {stats['verify_graph_sizes']}"
             assert stats["all_reduce"] == "symmetric memory", f"{name}: {stats['all_reduce']}"
     finally:
         ray.shutdown()
