@@ -55,7 +55,11 @@ class DistributedEngine:
         self._local_ray = local_ray or {}
         self._gen = 0  # incremented per start: threads of replaced actors cannot touch the new state
         self._live: set[str] = set()
-        self._sent: dict[str, tuple[list[int], list[int]]] = {}  # live request -> (prompt ids, tokens so far)
+        # live request -> (its id on the leader, prompt ids, tokens so far). The leader sees a fresh id per
+        # add_request, so outputs still queued for an aborted request never reach a new one of the same id.
+        self._streams: dict[str, tuple[str, list[int], list[int]]] = {}
+        self._owner: dict[str, str] = {}  # id on the leader -> request id
+        self._num_added = 0
         self._orphans: set[str] = set()  # pending when restart() was called: they fail at the next step
         self._counts = {"num_running": 0, "num_waiting": 0, "pages_in_use": 0}
         self._start()
@@ -176,7 +180,8 @@ class DistributedEngine:
         """Replace every actor. Requests still pending fail with `EngineUnhealthyError` at the next step."""
         self._orphans |= self._live
         self._live = set()
-        self._sent.clear()
+        self._streams.clear()
+        self._owner.clear()
         self.shutdown(graceful=self._error is None)
         self._start()
 
@@ -208,10 +213,13 @@ class DistributedEngine:
         if request_id in self._live:
             raise RequestError(f"request id {request_id!r} is already in use")
         ids = self.encode(prompt)
+        leader_id = f"{request_id}#{self._num_added}"
+        self._num_added += 1
         self._live.add(request_id)
-        self._sent[request_id] = (ids, [])
+        self._streams[request_id] = (leader_id, ids, [])
+        self._owner[leader_id] = request_id
         try:
-            self._call(self._shards[0].add_request.remote(request_id, ids, params))
+            self._call(self._shards[0].add_request.remote(leader_id, ids, params))
         except ray.exceptions.RayTaskError as e:
             self._forget(request_id)
             cause = getattr(e, "cause", None)
@@ -231,18 +239,21 @@ class DistributedEngine:
             return True
         if request_id not in self._live:
             return False
+        leader_id = self._streams[request_id][0]
         self._forget(request_id)
         if self._error is not None:
             return True
         try:
-            return self._call(self._shards[0].abort.remote(request_id))
+            return self._call(self._shards[0].abort.remote(leader_id))
         except Exception:  # noqa: BLE001 - the monitor reports the dead actor
             return True
 
     def _forget(self, request_id: str) -> None:
         """The request is no longer live here (finished, aborted or refused): drop its stream state."""
         self._live.discard(request_id)
-        self._sent.pop(request_id, None)
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            self._owner.pop(stream[0], None)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._live or self._orphans)
@@ -281,7 +292,8 @@ class DistributedEngine:
                 break
         if self._error is not None:
             failed, self._live = sorted(self._live), set()
-            self._sent.clear()
+            self._streams.clear()
+            self._owner.clear()
             raise EngineUnhealthyError(f"{self._error} ({len(failed)} pending requests failed: {failed[:8]})")
         outputs: list[RequestOutput] = []
         for item in items:
@@ -289,14 +301,15 @@ class DistributedEngine:
                 continue
             self._counts = item[2]
             for out in item[1]:
-                if out.request_id in self._live:
-                    # the leader streams only the new tokens: put back the prompt and all tokens so far
-                    prompt, tokens = self._sent[out.request_id]
+                rid = self._owner.get(out.request_id)
+                if rid is not None:
+                    # the leader streams only the new tokens: put back the id, the prompt and all tokens so far
+                    _, prompt, tokens = self._streams[rid]
                     tokens.extend(out.new_token_ids)
-                    out = dataclasses.replace(out, prompt_token_ids=prompt, token_ids=list(tokens))
+                    out = dataclasses.replace(out, request_id=rid, prompt_token_ids=prompt, token_ids=list(tokens))
                     outputs.append(out)
                     if out.finished:
-                        self._forget(out.request_id)
+                        self._forget(rid)
         return outputs
 
     def generate(

@@ -178,6 +178,19 @@ def test_tp2_without_speculation_equals_single_rank(cluster, models, prompts):
 
         assert asyncio.run(stream()) == reference[1]
 
+        # an id reused right after its abort: outputs still queued for the aborted request (the leader
+        # kept stepping it, nobody read them) never reach the new request of the same id
+        engine.add_request("reused", prompts[0], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+        time.sleep(0.5)
+        assert engine.abort("reused")
+        engine.add_request("reused", prompts[1], PARAMS)
+        final = None
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                assert out.request_id == "reused"
+                final = out
+        assert final.finished and final.prompt_token_ids == prompts[1] and final.token_ids == reference[1]
+
         engine.add_request("orphan", prompts[0], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
         ray.kill(engine.shards[0], no_restart=True)  # the leader itself
         t0 = time.monotonic()
