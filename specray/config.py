@@ -239,6 +239,11 @@ class EngineConfig:
             raise ConfigError(f"cuda_graph_batch_sizes must be positive, got {self.cuda_graph_batch_sizes}")
 
 
+    def graph_batch_sizes(self) -> tuple[int, ...]:
+        """The CUDA-graph batch sizes that can occur: those up to scheduler.max_num_seqs."""
+        return tuple(b for b in self.cuda_graph_batch_sizes if b <= self.scheduler.max_num_seqs)
+
+
 def check_draft_gpu_fraction(value: float) -> None:
     if not 0.0 < value <= 1.0:
         raise ConfigError(f"speculative_config.draft_gpu_fraction must be in (0, 1], got {value}")

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from specray.actors import world as W
 from specray.config import EngineConfig, SpeculativeConfig
-from specray.engine.attention import TreeAttention, TritonAttentionBackend, gather_kv
+from specray.engine.attention import TreeAttention, gather_kv
 from specray.engine.kv_cache import KVCacheSpec
 from specray.engine.llm_engine import LLMEngine
 from specray.engine.model_runner import HostInputs, ModelRunner
@@ -155,13 +155,8 @@ class ShardEngine(LLMEngine):
 
     def __init__(self, config: EngineConfig, world: W.World, checkpoint: Checkpoint | None = None):
         self.world = world
-        self.decode_graphs = config.cuda_graphs
         self.graph_serial = 0  # the leader's count of verification graph sets it has made
         cfg = config
-        if world.layout.tp_size > 1:
-            # the base engine's graph set-up is for one rank: shards capture decode graphs in `_build_runner`
-            # and verification graphs in `build_verify_graphs`, every shard together, replayed in lock-step
-            cfg = dataclasses.replace(config, cuda_graphs=False)
         if world.rank != 0:
             cfg = dataclasses.replace(cfg, speculative_config=None, skip_tokenizer_init=True, overlap=False)
         super().__init__(cfg, checkpoint)
@@ -184,7 +179,6 @@ class ShardEngine(LLMEngine):
         reduce = TPAllReduce(self.world.tp_group, dtype=self.dtype, device=self.device,
                              symmetric_memory=not self.config.disable_custom_all_reduce,
                              cpu_group=self.world.tp_cpu_group)
-        reduce.agree(self.world.tp_cpu_group)
         ctx = TPContext(rank=self.world.rank, size=tp, group=self.world.tp_group, all_reduce=reduce)
         model = TPDecoderLM.empty_shard(self.arch, ctx, self.max_model_len + 1, self.dtype, self.device)
         model.load_shard(ckpt.weights)
@@ -199,11 +193,7 @@ class ShardEngine(LLMEngine):
         return n
 
     def _build_runner(self, graph_sizes: tuple[int, ...]) -> ModelRunner:
-        tp = self.world.layout.tp_size
-        if tp > 1 and self.decode_graphs and self.device.type == "cuda" and isinstance(self.backend,
-                                                                                       TritonAttentionBackend):
-            max_bs = self.config.scheduler.max_num_seqs
-            graph_sizes = tuple(b for b in self.config.cuda_graph_batch_sizes if b <= max_bs)
+        # every shard captures the same decode graphs, replayed together in lock-step ("replay" plans)
         args = (self.model, self.cache, self.backend, self.sampler, self.max_model_len, graph_sizes)
         return PlanRunner(self.world, *args) if self.is_leader else ModelRunner(*args)
 
@@ -219,29 +209,21 @@ class ShardEngine(LLMEngine):
             return ShardedLongSpecProposer(self, cfg, window=cfg.window)
         return super()._build_proposer(cfg)
 
-    def _graphable(self) -> bool:
-        return (self.decode_graphs and self.device.type == "cuda" and isinstance(self.backend, TritonAttentionBackend)
-                and all(w is None for w in self.arch.sliding_windows))
-
     def build_verify_graphs(self, num_nodes: int, capture_layer: int | None):
         """With TP > 1 the leader's verification graphs announce each replay (op "verify" with the staged
         inputs), and every follower replays its own copy of the graph, captured at the same step."""
-        if self.world.layout.tp_size == 1:
-            return super().build_verify_graphs(num_nodes, capture_layer)
-        if not self._graphable():
-            return None
-        from specray.spec.verify_graph import VerifyGraphs
-
-        runner = self.runner
+        graphs = super().build_verify_graphs(num_nodes, capture_layer)
+        if graphs is None or self.world.layout.tp_size == 1:
+            return graphs
         self.graph_serial += 1
-        serial = self.graph_serial  # names this set of graphs to the followers
+        serial, runner = self.graph_serial, self.runner  # the serial names this set of graphs to the followers
 
-        class AnnouncedVerifyGraphs(VerifyGraphs):
-            def announce(self, size: int, width: int, rows: list[int]) -> None:
-                runner._announce("verify", serial, self.n, self.sizes, self.capture_layer, size,
-                                 self.staged(size, width), rows)
+        def announce(size: int, width: int, rows: list[int]) -> None:
+            runner._announce("verify", serial, graphs.n, graphs.sizes, graphs.capture_layer, size,
+                             graphs.staged(size, width), rows)
 
-        return AnnouncedVerifyGraphs(self, num_nodes, self.runner.graph_batch_sizes or (1,), capture_layer)
+        graphs.announce = announce
+        return graphs
 
     def follow_verify(self, serial: int, num_nodes: int, sizes: tuple[int, ...], capture_layer: int | None,
                       size: int, staged: tuple, rows: list[int]) -> None:

@@ -87,7 +87,7 @@ class LLMEngine:
         self.sampler = Sampler(gen)
         graph_sizes = ()
         if self.device.type == "cuda" and config.cuda_graphs and backend_name == "triton":
-            graph_sizes = tuple(b for b in config.cuda_graph_batch_sizes if b <= max_bs)
+            graph_sizes = config.graph_batch_sizes()
         self.runner = self._build_runner(graph_sizes)
         self.seqs: dict[str, Sequence] = {}
         self.spec = None  # SpeculativeDecoder when speculative_config.method != none

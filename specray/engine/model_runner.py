@@ -51,22 +51,29 @@ class ModelRunner:
 
     # ---- inputs --------------------------------------------------------------------------------
     def _host_inputs(self, batch: ScheduledBatch) -> HostInputs:
+        seqs, counts = batch.seqs, batch.num_new_tokens
+        tokens = [s.token_slice(s.num_computed, s.num_computed + n) for s, n in zip(seqs, counts, strict=True)]
+        return self.host_inputs([s.pages for s in seqs], tokens, [s.num_computed for s in seqs])
+
+    def host_inputs(self, pages: list[list[int]], tokens: list[list[int]], starts: list[int]) -> HostInputs:
+        """Inputs of a forward in which sequence i (KV pages `pages[i]`) runs `tokens[i]` at positions
+        starts[i], starts[i] + 1, ...; page tables padded with the scratch page."""
         ps = self.page_size
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         qsl = [0]
         seq_lens: list[int] = []
-        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            start = seq.num_computed
-            ids += seq.token_slice(start, start + n)
+        for seq_pages, toks, start in zip(pages, tokens, starts, strict=True):
+            n = len(toks)
+            ids += toks
             pos = range(start, start + n)
             positions += pos
-            slots += [seq.pages[p // ps] * ps + p % ps for p in pos]
+            slots += [seq_pages[p // ps] * ps + p % ps for p in pos]
             qsl.append(qsl[-1] + n)
             seq_lens.append(start + n)
-        width = max(len(s.pages) for s in batch.seqs)
-        table = [s.pages + [SCRATCH_PAGE] * (width - len(s.pages)) for s in batch.seqs]
+        width = max(len(p) for p in pages)
+        table = [p + [SCRATCH_PAGE] * (width - len(p)) for p in pages]
         return ids, positions, slots, qsl, seq_lens, table
 
     @torch.inference_mode()

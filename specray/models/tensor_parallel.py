@@ -45,10 +45,6 @@ class TPContext:
     group: Any = None  # torch.distributed ProcessGroup of the tp ranks (None: the default group)
     all_reduce: TPAllReduce | None = None  # None: torch.distributed.all_reduce over `group`
 
-    @property
-    def reduce(self) -> TPAllReduce:
-        return self.all_reduce if self.all_reduce is not None else TPAllReduce(self.group)
-
 
 def check_tp(arch: ModelArch, tp: int) -> None:
     """ConfigError unless the heads, KV heads and intermediate size divide by `tp`."""
@@ -106,7 +102,8 @@ class TPDecoderLM(DecoderLM):
         arch = local_arch(full, tp.size)
         super().__init__(arch, max_positions, device)
         self.full_arch, self.tp = full, tp
-        self.reduce = reduce = tp.reduce  # every row-parallel layer and the embedding share it
+        # every row-parallel layer and the embedding share it
+        self.reduce = reduce = tp.all_reduce if tp.all_reduce is not None else TPAllReduce(tp.group)
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp.rank * arch.vocab_size,
                                                    reduce)
         for layer in self.layers:

@@ -23,6 +23,15 @@ import torch.distributed as dist
 _SYMM_DTYPES = (torch.bfloat16, torch.float32)
 
 
+def _all_ranks(ok: bool, cpu_group: Any) -> bool:
+    """Whether `ok` holds on every rank of `cpu_group` (a gloo all-reduce; None: this rank alone)."""
+    if cpu_group is None:
+        return ok
+    flag = torch.tensor([int(ok)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=cpu_group)
+    return bool(flag.item())
+
+
 class TPAllReduce:
     def __init__(self, group: Any = None, *, dtype: torch.dtype | None = None, device: torch.device | None = None,
                  symmetric_memory: bool = False, max_bytes: int = 1 << 21, cpu_group: Any = None):
@@ -41,8 +50,9 @@ class TPAllReduce:
 
     def _setup(self, dtype: torch.dtype | None, device: torch.device | None, cpu_group: Any) -> str:
         """Allocate and rendezvous the buffer; '' on success, else why not. The checks before the allocation
-        give every rank the same answer; after it, the ranks agree over `cpu_group` (gloo) before the
-        rendezvous, so one rank's failed allocation cannot leave the others waiting in it."""
+        give every rank the same answer. After the allocation and after the rendezvous the ranks agree over
+        `cpu_group` (gloo): one rank's failed allocation cannot leave the others waiting in the rendezvous,
+        and a one-shot kernel never pairs with an NCCL call."""
         if device is None or device.type != "cuda":
             return "not a CUDA device"
         if dtype not in _SYMM_DTYPES:
@@ -63,29 +73,17 @@ class TPAllReduce:
                                  device=device)
         except Exception as e:  # noqa: BLE001 - no symmetric memory here: NCCL it is, and say why
             reason = f"{type(e).__name__}: {e}"
-        if cpu_group is not None:
-            ok = torch.tensor([int(not reason)])
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=cpu_group)
-            if not ok.item():
-                return reason or "another rank could not allocate symmetric memory"
-        if reason:
-            return reason
+        if not _all_ranks(not reason, cpu_group):
+            return reason or "another rank could not allocate symmetric memory"
         try:
             symm_mem.rendezvous(buf, name)
         except Exception as e:  # noqa: BLE001
-            return f"{type(e).__name__}: {e}"
+            reason = f"{type(e).__name__}: {e}"
+        if not _all_ranks(not reason, cpu_group):
+            return reason or "another rank could not set up symmetric memory"
         self.buffer, self.group_name = buf, name
         self.copy_in = hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out")
         return ""
-
-    def agree(self, cpu_group: Any) -> None:
-        """Use symmetric memory only if every rank set it up (a gloo all-reduce of the flag), so the ranks
-        never pair a one-shot kernel with an NCCL call."""
-        flag = torch.tensor([int(self.buffer is not None)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=cpu_group)
-        if not flag.item() and self.buffer is not None:
-            self.buffer = None
-            self.fallback_reason = "another rank could not set up symmetric memory"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The sum of `x` over the ranks (any shape): a new tensor on the symmetric path, `x` itself otherwise."""

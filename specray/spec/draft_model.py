@@ -25,8 +25,8 @@ import torch
 
 from specray.config import SpeculativeConfig
 from specray.engine.attention import TorchAttentionBackend, TritonAttentionBackend, gather_kv
-from specray.engine.kv_cache import SCRATCH_PAGE, KVCache, KVCacheSpec, PageAllocator, pages_needed
-from specray.engine.model_runner import HostInputs, ModelRunner
+from specray.engine.kv_cache import KVCache, KVCacheSpec, PageAllocator, pages_needed
+from specray.engine.model_runner import ModelRunner
 from specray.engine.sequence import Sequence
 from specray.errors import ConfigError
 from specray.models.arch import ModelArch
@@ -109,11 +109,9 @@ class DraftModelProposer:
         else:
             backend = TorchAttentionBackend(self.cache)
         # CUDA: chain steps (one token per sequence) replay the draft's decode graphs; encoding and tree
-        # drafting stay eager. A TP shard keeps its own switch (its base config has graphs off).
-        graph_sizes: tuple[int, ...] = ()
-        if engine.device.type == "cuda" and getattr(engine, "decode_graphs", engine.config.cuda_graphs):
-            max_bs = engine.config.scheduler.max_num_seqs
-            graph_sizes = tuple(b for b in engine.config.cuda_graph_batch_sizes if b <= max_bs)
+        # drafting stay eager
+        graphs = engine.device.type == "cuda" and engine.config.cuda_graphs
+        graph_sizes = engine.config.graph_batch_sizes() if graphs else ()
         self.runner = ModelRunner(self.model, self.cache, backend, engine.sampler, self.max_ctx, graph_sizes)
         self.chunk = engine.config.scheduler.max_num_batched_tokens
         self.states: dict[str, _DraftState] = {}
@@ -186,16 +184,6 @@ class DraftModelProposer:
             for st, (_, b) in zip(pending, spans, strict=True):
                 st.num_encoded = b
 
-    def _decode_inputs(self, states: list[_DraftState], tokens: list[list[int]], depth: int) -> HostInputs:
-        """The decode-graph inputs of chain step `depth`: each sequence's last token at draft position
-        len(ctx) + depth."""
-        ps = self.cache.spec.page_size
-        pos = [len(st.ctx) + depth for st in states]
-        slots = [st.pages[p // ps] * ps + p % ps for st, p in zip(states, pos, strict=True)]
-        width = max(len(st.pages) for st in states)
-        table = [st.pages + [SCRATCH_PAGE] * (width - len(st.pages)) for st in states]
-        return ([t[-1] for t in tokens], pos, slots, list(range(len(states) + 1)), [p + 1 for p in pos], table)
-
     def _chains(self, seqs: list[Sequence], states: list[_DraftState]) -> list[DraftTree]:
         """Chains for all sequences in lock-step: one batched draft forward per depth."""
         length = self.cfg.tree.length
@@ -205,7 +193,10 @@ class DraftModelProposer:
         graphed = self.runner._graph_size(len(states)) is not None
         for depth in range(length):
             if graphed:
-                logits = self.runner.replay(self._decode_inputs(states, tokens, depth))  # [B, V]
+                # each sequence's last token at draft position len(ctx) + depth
+                inputs = self.runner.host_inputs([st.pages for st in states], [[t[-1]] for t in tokens],
+                                                 [len(st.ctx) + depth for st in states])
+                logits = self.runner.replay(inputs)  # [B, V]
             else:
                 logits = self.runner.forward_tokens(
                     pages=[st.pages for st in states], tokens=[[t[-1]] for t in tokens],

@@ -9,6 +9,7 @@ the scratch page). Attention runs through `TritonAttentionBackend`'s static-shap
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -45,6 +46,9 @@ class VerifyGraphs:
         self.logits: dict[int, torch.Tensor] = {}
         self.q_out: dict[int, torch.Tensor] = {}
         self._pool = None
+        # called before each launch with (size, page-table width, real rows): a tensor-parallel leader
+        # sends the staged inputs to its followers
+        self.announce: Callable[[int, int, list[int]], None] | None = None
 
     def size_for(self, batch: int) -> int | None:
         return next((s for s in self.sizes if s >= batch), None)
@@ -148,10 +152,6 @@ class VerifyGraphs:
         self.d_tables[:size].copy_(self.h_tables[:size], non_blocking=True)
         self.graphs[size].replay()
 
-    def announce(self, size: int, width: int, rows: list[int]) -> None:
-        """Hook before a launch (tensor-parallel leaders send the staged inputs and the real rows to the
-        followers)."""
-
     @torch.inference_mode()
     def run(
         self, seqs: list[Sequence], trees: list[DraftTree], prefix: list[int]
@@ -160,7 +160,8 @@ class VerifyGraphs:
         layer's post-RoPE queries of those rows when a capture layer is set."""
         size = self.size_for(len(seqs))
         rows = self._stage(seqs, trees, prefix, size)
-        self.announce(size, max(len(s.pages) for s in seqs), rows)
+        if self.announce is not None:
+            self.announce(size, max(len(s.pages) for s in seqs), rows)
         self.launch(size)
         index = torch.tensor(rows, dtype=torch.int64, device=self.engine.device)
         q = self.q_out[size][index] if self.capture_layer is not None else None
