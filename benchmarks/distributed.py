@@ -247,6 +247,8 @@ def main() -> None:
     ap.add_argument("--latency-context", type=int, default=32768)
     ap.add_argument("--pair-context", type=int, default=16384)
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--latency-variants", nargs="*", default=["tp2_unfused", "tp2_nccl"],
+                    help="latency variants besides tp1 and tp2")
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="latency: also profile this many leader decode steps (after the timed window starts; "
                          "the profiled steps are slower, so use a separate run for the timing)")
@@ -287,18 +289,21 @@ def main() -> None:
                 "tokens_equal_prefix": same, "tp1_ar": tp1, "tp2_separate_draft": tp2})
     if "latency" in args.sections:
         prompt = torch.randint(0, 128000, (args.latency_context,), generator=g).tolist()
-        # tp2: small all-reduces through symmetric memory (the default); tp2_nccl: NCCL only
-        variants = {"tp1": (1, False), "tp2": (2, False), "tp2_nccl": (2, True)}
-        rows = {name: run_distributed(engine_config(target, max_len, tp, disable_custom_all_reduce=nccl), prompt,
+        # tp2: symmetric memory, O/down partials summed inside the next RMSNorm kernel (the default);
+        # tp2_unfused: the one-shot symmetric-memory all-reduce, then the norm; tp2_nccl: NCCL only
+        variants = {"tp1": (1, {}), "tp2": (2, {}), "tp2_unfused": (2, {"fuse_allreduce_rmsnorm": False}),
+                    "tp2_nccl": (2, {"disable_custom_all_reduce": True})}
+        variants = {k: v for k, v in variants.items() if k in ("tp1", "tp2", *args.latency_variants)}
+        rows = {name: run_distributed(engine_config(target, max_len, tp, **kw), prompt,
                                       args.tokens, args.ray_address, warm, profile_steps=args.profile_steps)
-                for name, (tp, nccl) in variants.items()}
+                for name, (tp, kw) in variants.items()}
         for name, row in rows.items():  # kernel tables of the profiled steps, one text file per variant
             if row.get("profile"):
                 (out / f"latency-profile-{name}.txt").write_text(row.pop("profile"))
         ratio = rows["tp2"]["leader_ms_per_step"] / rows["tp1"]["leader_ms_per_step"]
         dump("latency", {"context": args.latency_context, "batch": 1, "tp2_over_tp1_step_latency": ratio,
-                         "tp2_nccl_over_tp1_step_latency":
-                             rows["tp2_nccl"]["leader_ms_per_step"] / rows["tp1"]["leader_ms_per_step"],
+                         **{f"{k}_over_tp1_step_latency": v["leader_ms_per_step"] / rows["tp1"]["leader_ms_per_step"]
+                            for k, v in rows.items() if k not in ("tp1", "tp2")},
                          "tp2_over_tp1_driver_ms_per_token":
                              rows["tp2"]["decode_ms_per_token"] / rows["tp1"]["decode_ms_per_token"],
                          **{k: {kk: vv for kk, vv in v.items() if kk != "tokens"} for k, v in rows.items()}})

@@ -222,6 +222,8 @@ class EngineConfig:
     overlap: bool = False  # draft_placement separate: draft step i+1 while the target verifies step i
     # TP > 1 on CUDA: small all-reduces use PyTorch symmetric memory (one-shot, NVLink); True: NCCL only
     disable_custom_all_reduce: bool = False
+    # with symmetric memory and fused_ops: O/down partials are summed by the RMSNorm kernel that follows
+    fuse_allreduce_rmsnorm: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, ("auto", "float32", "float16", "bfloat16"))

@@ -194,6 +194,9 @@ class TargetShard(_Member):
         reduce = getattr(eng.model, "reduce", None)  # TP > 1: how the shards all-reduce
         out["all_reduce"] = None if reduce is None else (
             "symmetric memory" if reduce.uses_symmetric_memory else f"torch.distributed ({reduce.fallback_reason})")
+        if reduce is not None:
+            out["all_reduce_rmsnorm"] = ("fused" if reduce.fuses_norm and eng.model.layers[0].mlp.down_proj.site == 1
+                                         else reduce.fuse_reason)
         if eng.spec is not None:
             graphs = eng.spec.verify_graphs
             out["verify_graph_sizes"] = sorted(graphs.graphs) if graphs is not None else []

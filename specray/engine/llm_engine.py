@@ -69,6 +69,8 @@ class LLMEngine:
         self.model.eval()
         if self.device.type == "cuda" and config.fused_ops:
             self.model.use_fused_ops(True)
+            if config.fuse_allreduce_rmsnorm and hasattr(self.model, "fuse_all_reduce_norm"):  # a TP shard
+                self.model.fuse_all_reduce_norm()
 
         page_size = config.cache.page_size
         spec = KVCacheSpec.of(self.model.arch, page_size, self.dtype)  # a TP shard holds its KV heads only

@@ -18,6 +18,7 @@ from specray.errors import CheckpointError
 from specray.models.arch import ModelArch
 from specray.models.checkpoint import WeightSource
 from specray.models.rope import RotaryEmbedding
+from specray.models.tp_comm import PendingSum
 
 if TYPE_CHECKING:
     from specray.engine.attention import AttentionBackend, AttentionMetadata
@@ -25,7 +26,8 @@ if TYPE_CHECKING:
 
 class RMSNorm(nn.Module):
     """HF-exact RMSNorm; `forward(x, residual)` first adds the residual stream (in x.dtype) and returns
-    (normed, new_residual). With `fused=True` (CUDA) one Triton kernel does both."""
+    (normed, new_residual). With `fused=True` (CUDA) one Triton kernel does both; for a tensor-parallel
+    `PendingSum` the same kernel also sums the ranks' partials."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -33,7 +35,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.fused = False
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor | PendingSum, residual: torch.Tensor | None = None):
+        if isinstance(x, PendingSum):  # tensor parallel: sum the ranks' partials, add, normalise in one kernel
+            return x.reduce_norm(residual, self.weight, self.eps)
         if self.fused:
             from specray.kernels import fused
 

@@ -35,7 +35,7 @@ from specray.models.arch import ModelArch
 from specray.models.checkpoint import WeightSource
 from specray.models.decoder import DecoderLM
 from specray.models.rope import RotaryEmbedding
-from specray.models.tp_comm import TPAllReduce
+from specray.models.tp_comm import PendingSum, TPAllReduce
 
 
 @dataclass(frozen=True)
@@ -71,12 +71,21 @@ def local_arch(arch: ModelArch, tp: int) -> ModelArch:
 
 
 class RowParallelLinear(nn.Linear):
-    """y = x_local @ W_local^T, summed over the tp ranks (no bias: O and down have none)."""
+    """y = x_local @ W_local^T, summed over the tp ranks (no bias: O and down have none).
+
+    With a `site` (0 or 1) and a batch that fits the fused path, the partial is written into that
+    symmetric-memory region and returned as a `PendingSum`: the RMSNorm that follows does the sum."""
 
     reduce: TPAllReduce
+    site: int | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in/tp] -> [T, out]
-        return self.reduce(F.linear(x, self.weight))
+    def forward(self, x: torch.Tensor) -> torch.Tensor | PendingSum:  # [T, in/tp] -> [T, out]
+        r = self.reduce
+        if self.site is not None and r.can_fuse(x.shape[0], self.out_features, x.dtype):
+            part = r.partial_region(self.site, x.shape[0], self.out_features)  # [T, out]
+            torch.matmul(x, self.weight.t(), out=part)
+            return PendingSum(r, self.site, part)
+        return r(F.linear(x, self.weight))
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -110,6 +119,18 @@ class TPDecoderLM(DecoderLM):
             attn, mlp = layer.self_attn, layer.mlp
             attn.o_proj = _row_parallel(attn.o_proj, reduce)
             mlp.down_proj = _row_parallel(mlp.down_proj, reduce)
+
+    def fuse_all_reduce_norm(self) -> bool:
+        """Let O and down leave their partials for the next RMSNorm to sum (`PendingSum`): O in region 0
+        (summed by post_attention_layernorm), down in region 1 (the next layer's input_layernorm, or the final
+        norm). Consecutive fused sums never share a region. Needs fused RMSNorm kernels and a reducer with
+        the fused path; returns whether it is on."""
+        if not (self.reduce.fuses_norm and self.norm.fused):
+            return False
+        for layer in self.layers:
+            layer.self_attn.o_proj.site = 0
+            layer.mlp.down_proj.site = 1
+        return True
 
     @classmethod
     def empty_shard(cls, full: ModelArch, tp: TPContext, max_positions: int, dtype: torch.dtype,

@@ -8,6 +8,11 @@ partial in its buffer, then reads its peers' buffers over NVLink and sums them i
 get the same bits. On 2 H200s that takes 6–8 µs for a decode step's 8 KB activation, against 13 µs for
 NCCL (`benchmarks/allreduce.py`). A row-parallel layer issues two of these per transformer layer.
 
+With `fuse_norm`, symmetric memory also holds two partial regions and a flag array for
+`specray.kernels.tp_norm`: a row-parallel layer writes its partial output into a region and the RMSNorm that
+follows sums the ranks' partials, adds the residual and normalises in one kernel (`PendingSum`), instead of
+an all-reduce kernel and a norm kernel.
+
 Everything else uses `torch.distributed.all_reduce`: larger tensors, dtypes the kernel does not take
 (it takes bf16 and fp32), CPU worlds (gloo), and hosts where symmetric memory cannot be set up (the
 reason is kept in `fallback_reason`). Both paths can be captured in a CUDA graph.
@@ -32,17 +37,98 @@ def _all_ranks(ok: bool, cpu_group: Any) -> bool:
     return bool(flag.item())
 
 
+class PendingSum:
+    """A row-parallel layer's partial output [T, H], already in this rank's region `site`, whose sum over the
+    ranks the next RMSNorm computes (`reduce_norm`), fused with its residual add."""
+
+    def __init__(self, reduce: TPAllReduce, site: int, partial: torch.Tensor):
+        self.reduce, self.site, self.partial = reduce, site, partial
+
+    def reduce_norm(self, residual: torch.Tensor | None, weight: torch.Tensor,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normed, new residual); the residual is updated in place."""
+        from specray.kernels.tp_norm import all_reduce_add_rms_norm
+
+        r = self.reduce
+        return all_reduce_add_rms_norm(r.part_tables[self.site], r.flag_table, r.rank, self.partial.shape[0],
+                                       residual, weight, eps)
+
+
 class TPAllReduce:
     def __init__(self, group: Any = None, *, dtype: torch.dtype | None = None, device: torch.device | None = None,
-                 symmetric_memory: bool = False, max_bytes: int = 1 << 21, cpu_group: Any = None):
+                 symmetric_memory: bool = False, max_bytes: int = 1 << 21, cpu_group: Any = None,
+                 fuse_norm: bool = False):
         self.group = group
         self.max_bytes = max_bytes
         self.buffer: torch.Tensor | None = None  # [max_bytes // itemsize] symmetric, dtype `dtype`
         self.group_name = ""
         self.copy_in = False  # the op copies the local partial into the buffer itself
         self.fallback_reason = "symmetric memory not requested"
+        # fused all-reduce + RMSNorm (`fuse_norm`): two regions of max_bytes for this rank's partials, and
+        # per region an int64 [W] table of every rank's region address; an int64 [W] table of flag arrays
+        self.regions: torch.Tensor | None = None  # [2, max_bytes // itemsize] symmetric
+        self.part_tables: list[torch.Tensor] = []
+        self.flag_table: torch.Tensor | None = None
+        self.rank = 0
+        self.fuse_reason = "fused all-reduce + RMSNorm not requested"
+        self._keep: list[Any] = []  # symmetric allocations and handles the tables point into
         if symmetric_memory:
             self.fallback_reason = self._setup(dtype, device, cpu_group)
+            if fuse_norm:
+                self.fuse_reason = (self._setup_fused(dtype, device, cpu_group) if not self.fallback_reason
+                                    else self.fallback_reason)
+
+    @property
+    def fuses_norm(self) -> bool:
+        return self.regions is not None
+
+    def can_fuse(self, rows: int, hidden: int, dtype: torch.dtype) -> bool:
+        """Whether a [rows, hidden] partial of `dtype` fits the fused path."""
+        from specray.kernels.tp_norm import MAX_HIDDEN
+
+        regions = self.regions
+        return (regions is not None and dtype == regions.dtype and hidden <= MAX_HIDDEN
+                and rows * hidden <= regions.shape[1])
+
+    def partial_region(self, site: int, rows: int, hidden: int) -> torch.Tensor:
+        """This rank's region `site` (0 or 1) as a [rows, hidden] tensor for a layer's partial output."""
+        if self.regions is None or rows * hidden > self.regions.shape[1]:
+            raise ValueError(f"a [{rows}, {hidden}] partial does not fit the fused all-reduce regions")
+        return self.regions[site, : rows * hidden].view(rows, hidden)
+
+    def _setup_fused(self, dtype: torch.dtype, device: torch.device, cpu_group: Any) -> str:
+        """Allocate and rendezvous the regions and the zeroed flags; '' on success (on every rank)."""
+        import torch.distributed._symmetric_memory as symm_mem
+
+        from specray.kernels.tp_norm import MAX_PROGRAMS
+
+        reason = ""
+        try:
+            elems = self.max_bytes // torch.tensor([], dtype=dtype).element_size()
+            regions = symm_mem.empty(2 * elems, dtype=dtype, device=device)
+            world = dist.get_world_size(self.group)
+            flags = symm_mem.empty(MAX_PROGRAMS * world, dtype=torch.int32, device=device)
+            flags.zero_()
+            h_regions = symm_mem.rendezvous(regions, self.group_name)
+            h_flags = symm_mem.rendezvous(flags, self.group_name)
+            rank = h_regions.rank
+            views = [h_regions.get_buffer(r, (2 * elems,), dtype) for r in range(world)]
+            flag_views = [h_flags.get_buffer(r, (MAX_PROGRAMS * world,), torch.int32) for r in range(world)]
+            if views[rank].data_ptr() != regions.data_ptr() or flag_views[rank].data_ptr() != flags.data_ptr():
+                raise RuntimeError("symmetric buffer views do not start at the allocations")
+            item = regions.element_size()
+            self.part_tables = [torch.tensor([v.data_ptr() + s * elems * item for v in views], dtype=torch.int64,
+                                             device=device) for s in range(2)]
+            self.flag_table = torch.tensor([v.data_ptr() for v in flag_views], dtype=torch.int64, device=device)
+            torch.cuda.synchronize(device)  # flags are zero before any peer can signal
+        except Exception as e:  # noqa: BLE001 - no fused path here: the one-shot kernel and a norm, and say why
+            reason = f"{type(e).__name__}: {e}"
+        if not _all_ranks(not reason, cpu_group):
+            self.part_tables, self.flag_table = [], None
+            return reason or "another rank could not set up the fused all-reduce"
+        self.regions, self.rank = regions.view(2, elems), rank
+        self._keep = [regions, flags, h_regions, h_flags, views, flag_views]
+        return ""
 
     @property
     def uses_symmetric_memory(self) -> bool:

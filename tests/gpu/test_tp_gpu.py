@@ -76,10 +76,90 @@ def _reduce_worker(rank: int, port: int, q) -> None:
                 dist.all_reduce(ref)
                 ref = ref * 0.5
             results.append(("graph", str(dtype), torch.equal(out_g, ref)))
+            results += _fused_norm_checks(rank, dtype, dev)
         q.put((rank, results))
         dist.barrier()
+    except Exception:  # the parent reports it at once instead of waiting for a result that never comes
+        import traceback
+
+        q.put((rank, [("error", traceback.format_exc())]))
+        raise
     finally:
         dist.destroy_process_group()
+
+
+def _fused_norm_checks(rank: int, dtype: torch.dtype, dev: torch.device) -> list[tuple]:
+    """The fused all-reduce + add + RMSNorm against NCCL followed by the unfused `add_rms_norm` kernel:
+    eagerly for several row counts and both regions, then 16 dependent calls (alternating regions, no other
+    kernel between them) captured in one graph and replayed 50 times."""
+    import torch.distributed as dist
+
+    from specray.kernels import fused
+    from specray.models.tp_comm import PendingSum, TPAllReduce
+
+    red = TPAllReduce(None, dtype=dtype, device=dev, symmetric_memory=True, max_bytes=1 << 20, fuse_norm=True)
+    out_rows: list[tuple] = [("fuses", str(dtype), red.fuses_norm, red.fuse_reason)]
+    H, eps = 4096, 1e-5
+    common = torch.Generator(device=dev).manual_seed(7)  # the same on both ranks
+    own = torch.Generator(device=dev).manual_seed(200 + rank)
+    w = (1 + 0.3 * torch.randn(H, device=dev, generator=common)).to(dtype)
+    max_rows = (1 << 20) // (H * w.element_size())
+
+    def unfused(partial, resid):
+        s = partial.clone()
+        dist.all_reduce(s)
+        return fused.add_rms_norm(s, resid, w, eps)
+
+    def close(a, b):  # the norm's sum of squares may reduce in another order: a rounding step at most
+        return bool(torch.allclose(a.float(), b.float(), rtol=2 ** -7 if dtype != torch.float32 else 1e-5, atol=0)
+                    and (a != b).float().mean().item() < 1e-2)
+
+    for rows in (1, 5, min(69, max_rows - 1), max_rows):  # fp32: 64 rows fit 1 MB
+        for site in (0, 1, 0):
+            partial = torch.randn(rows, H, device=dev, generator=own).to(dtype)
+            resid = torch.randn(rows, H, device=dev, generator=common).to(dtype)
+            ref_out, ref_res = unfused(partial, resid.clone())
+            part = red.partial_region(site, rows, H)
+            part.copy_(partial)
+            out, res = PendingSum(red, site, part).reduce_norm(resid.clone(), w, eps)
+            both = [torch.empty_like(out) for _ in range(2)]
+            dist.all_gather(both, out)
+            out_rows.append(("fused", str(dtype), rows, site, torch.equal(res, ref_res), close(out, ref_out),
+                             torch.equal(*both)))
+
+    rows, scale = 5, 0.5 + rank  # each rank scales its partial differently
+
+    def chain(h, resid, reference):
+        for i in range(16):
+            if reference:
+                h, resid = unfused(h * scale, resid)
+            else:
+                part = red.partial_region(i % 2, rows, H)
+                torch.mul(h, scale, out=part)
+                h, resid = PendingSum(red, i % 2, part).reduce_norm(resid, w, eps)
+        return h
+
+    h0 = torch.randn(rows, H, device=dev, generator=common).to(dtype)
+    r0 = torch.randn(rows, H, device=dev, generator=common).to(dtype)
+    static_h, static_r = h0.clone(), r0.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        chain(static_h.clone(), static_r.clone(), False)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_g = chain(static_h, static_r, False)
+    ok = True
+    for _ in range(50):
+        static_h.copy_(h0)
+        static_r.copy_(r0)
+        graph.replay()
+    torch.cuda.synchronize()
+    ref = chain(h0.clone(), r0.clone(), True)
+    ok = close(out_g, ref)
+    out_rows.append(("fused_graph", str(dtype), ok))
+    return out_rows
 
 
 def test_symmetric_memory_all_reduce_equals_nccl():
@@ -89,16 +169,30 @@ def test_symmetric_memory_all_reduce_equals_nccl():
     procs = [ctx.Process(target=_reduce_worker, args=(r, port, q)) for r in range(2)]
     for p in procs:
         p.start()
-    got = dict(q.get(timeout=300) for _ in range(2))
+    got = {}
+    for _ in range(2):
+        rank, rows = q.get(timeout=300)
+        got[rank] = rows
+        if rows and rows[0][0] == "error":  # its peer may now wait in a collective forever
+            break
     for p in procs:
-        p.join(timeout=60)
+        p.join(timeout=60 if len(got) == 2 else 5)
+        if p.is_alive():
+            p.kill()
     for rank, results in got.items():
         for row in results:
+            assert row[0] != "error", f"rank {rank} failed:\n{row[1]}"
             if row[0] == "uses_symm":
                 assert row[2], f"rank {rank}: symmetric memory not set up for {row[1]}: {row[3]}"
             elif row[0] == "eager":
                 assert row[3], f"rank {rank}: {row[1]} {row[2]} differs from NCCL"
                 assert row[4], f"rank {rank}: {row[1]} {row[2]} ranks hold different bits"
+            elif row[0] == "fuses":
+                assert row[2], f"rank {rank}: no fused all-reduce + RMSNorm for {row[1]}: {row[3]}"
+            elif row[0] == "fused":
+                assert row[4], f"rank {rank}: {row[1]} rows {row[2]} site {row[3]}: the residual sum differs"
+                assert row[5], f"rank {rank}: {row[1]} rows {row[2]} site {row[3]}: the norm differs"
+                assert row[6], f"rank {rank}: {row[1]} rows {row[2]}: ranks hold different bits"
             else:
                 assert row[2], f"rank {rank}: {row[1]} graph replay differs from NCCL"
 
@@ -160,5 +254,6 @@ def test_tp2_graphed_verification_equals_single_gpu_ar(models):
             assert first == ref[:1] and outs == ref, name
             assert len(stats["verify_graph_sizes"]) >= 2, f"{name}: replayed {stats['verify_graph_sizes']}"
             assert stats["all_reduce"] == "symmetric memory", f"{name}: {stats['all_reduce']}"
+            assert stats["all_reduce_rmsnorm"] == "fused", f"{name}: {stats['all_reduce_rmsnorm']}"
     finally:
         ray.shutdown()

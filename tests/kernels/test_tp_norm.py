@@ -1,0 +1,153 @@
+"""The fused tensor-parallel all-reduce + residual add + RMSNorm kernel (`specray.kernels.tp_norm`).
+
+Owns no data. Without CUDA the kernel runs under Triton's CPU interpreter: each "rank" is a forked
+process that launches the kernel on its own partial, and the int64 address tables point at shared-memory
+CPU tensors (the same addresses in every process), so the flag barrier really pairs the processes'
+programs. Oracles: the module's reference (the unfused path's
+rounding: sum in fp32 in rank order, round, add the residual, round, RMSNorm) for exact bits, and an
+independent float64 formula written here for closeness. Also checked: every rank gets the same bits, the
+residual is updated in place, the flags end at zero, and a rank waits for a late peer's partial.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import multiprocessing as mp  # noqa: E402
+import time  # noqa: E402
+
+import pytest  # noqa: E402
+
+from specray.kernels.tp_norm import (  # noqa: E402
+    MAX_HIDDEN,
+    MAX_PROGRAMS,
+    all_reduce_add_rms_norm,
+    all_reduce_add_rms_norm_ref,
+)
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="simulates ranks as CPU threads")
+EPS = 1e-5
+
+
+class Ranks:
+    """W simulated ranks: partials [T, H] and zeroed flag arrays in shared memory, with the kernel's address
+    tables. Each rank runs in a forked process (its own interpreter state, the same addresses)."""
+
+    def __init__(self, world: int, rows: int, hidden: int, dtype: torch.dtype, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.parts = [torch.randn(rows, hidden, generator=gen).to(dtype).share_memory_() for _ in range(world)]
+        self.flags = [torch.zeros(MAX_PROGRAMS * world, dtype=torch.int32).share_memory_() for _ in range(world)]
+        self.part_table = torch.tensor([p.data_ptr() for p in self.parts], dtype=torch.int64)
+        self.flag_table = torch.tensor([f.data_ptr() for f in self.flags], dtype=torch.int64)
+        self.weight = (1 + 0.5 * torch.randn(hidden, generator=gen)).to(dtype)
+        self.residual = torch.randn(rows, hidden, generator=gen).to(dtype)
+        # per rank: the output, the returned residual, and whether it was the given tensor (updated in place)
+        self.outs = torch.zeros(world, rows, hidden, dtype=dtype).share_memory_()
+        self.res_outs = torch.zeros(world, rows, hidden, dtype=dtype).share_memory_()
+        self.in_place = torch.zeros(world, dtype=torch.int32).share_memory_()
+        self.world, self.rows = world, rows
+
+    def _rank_main(self, rank: int, with_residual: bool, before) -> None:
+        if before is not None:
+            before(rank)
+        res = self.residual.clone() if with_residual else None
+        out, new_res = all_reduce_add_rms_norm(self.part_table, self.flag_table, rank, self.rows, res,
+                                               self.weight, EPS)
+        self.outs[rank].copy_(out)
+        self.res_outs[rank].copy_(new_res)
+        self.in_place[rank] = int(new_res is res)
+
+    def run(self, with_residual: bool, before=None, timeout: float = 120.0) -> None:
+        """Launch every rank's kernel in its own forked process; `before(rank)` runs there first."""
+        ctx = mp.get_context("fork")
+        procs = [ctx.Process(target=self._rank_main, args=(r, with_residual, before)) for r in range(self.world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout)
+        alive = [p for p in procs if p.is_alive()]
+        for p in alive:
+            p.kill()
+        assert not alive, "a rank is still waiting at the barrier"
+        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+
+
+def same(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal bits in 16-bit dtypes; in fp32 within a few ulps (the sum of squares' order and rsqrt differ)."""
+    if got.dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=4e-7, atol=1e-7)
+    else:
+        assert torch.equal(got, want)
+
+
+def independent(parts, residual, weight) -> torch.Tensor:
+    """float64 all-reduce + add + RMSNorm (no intermediate rounding)."""
+    h = sum(p.double() for p in parts)
+    if residual is not None:
+        h = h + residual.double()
+    return weight.double() * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_two_ranks_match_the_unfused_rounding_and_agree(dtype, with_residual):
+    ranks = Ranks(2, rows=3, hidden=96, dtype=dtype)  # 96: a masked (non power of two) row
+    want_out, want_res = all_reduce_add_rms_norm_ref(ranks.parts, ranks.residual if with_residual else None,
+                                                     ranks.weight, EPS)
+    ranks.run(with_residual)
+    for rank in range(2):
+        same(ranks.outs[rank], want_out)
+        assert torch.equal(ranks.res_outs[rank], want_res), f"rank {rank}"  # sums and adds round exactly
+        assert ranks.in_place[rank] == int(with_residual)
+    assert torch.equal(ranks.outs[0], ranks.outs[1])
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    close = independent(ranks.parts, ranks.residual if with_residual else None, ranks.weight)
+    assert ((want_out.double() - close).norm() / close.norm()).item() < tol
+    assert all(int(f.abs().sum()) == 0 for f in ranks.flags)
+
+
+def test_more_rows_than_programs_and_four_ranks():
+    ranks = Ranks(2, rows=MAX_PROGRAMS + 3, hidden=16, dtype=torch.bfloat16, seed=1)  # 2 rows per program
+    want = all_reduce_add_rms_norm_ref(ranks.parts, ranks.residual, ranks.weight, EPS)
+    ranks.run(True)
+    for rank in range(2):
+        assert torch.equal(ranks.outs[rank], want[0]) and torch.equal(ranks.res_outs[rank], want[1])
+    four = Ranks(4, rows=2, hidden=32, dtype=torch.float32, seed=2)
+    want = all_reduce_add_rms_norm_ref(four.parts, four.residual, four.weight, EPS)
+    four.run(True)
+    for rank in range(4):
+        same(four.outs[rank], want[0])
+        assert torch.equal(four.res_outs[rank], want[1]) and torch.equal(four.outs[rank], four.outs[0])
+    assert all(int(f.abs().sum()) == 0 for f in ranks.flags + four.flags)
+
+
+def test_a_rank_waits_for_a_late_peer_partial():
+    """Rank 1 writes its partial only after rank 0's kernel has started; rank 0 must still sum it."""
+    ranks = Ranks(2, rows=2, hidden=32, dtype=torch.float32, seed=3)
+    late = ranks.parts[1].clone()
+    ranks.parts[1].fill_(float("nan"))  # what rank 0 would read without the barrier
+
+    def before(rank: int) -> None:
+        if rank == 1:
+            time.sleep(1.0)  # rank 0 is in its kernel by now, waiting at the barrier
+            ranks.parts[1].copy_(late)
+
+    ranks.run(True, before=before)
+    want = all_reduce_add_rms_norm_ref([ranks.parts[0], late], ranks.residual, ranks.weight, EPS)
+    for rank in range(2):
+        assert torch.isfinite(ranks.outs[rank]).all()
+        same(ranks.outs[rank], want[0])
+        assert torch.equal(ranks.res_outs[rank], want[1])
+
+
+def test_bad_input_is_refused_before_any_launch():
+    ranks = Ranks(2, rows=2, hidden=32, dtype=torch.float32)
+    with pytest.raises(ValueError, match="residual must be"):
+        all_reduce_add_rms_norm(ranks.part_table, ranks.flag_table, 0, 2, ranks.residual[:1], ranks.weight, EPS)
+    with pytest.raises(ValueError, match="exceeds"):
+        w = torch.ones(MAX_HIDDEN + 1)
+        all_reduce_add_rms_norm(ranks.part_table, ranks.flag_table, 0, 1, None, w, EPS)
+    assert all(int(f.abs().sum()) == 0 for f in ranks.flags)
