@@ -200,7 +200,11 @@ def run_distributed(cfg, prompt, n, ray_address, warm: list[int], profile_steps:
         row.update(leader_delta(before, after), decode_graphs=graphs, all_reduce=after.get("all_reduce"),
                    verify_graph_sizes=after.get("verify_graph_sizes"))
         if "draft" in before:
-            row["draft_actor"] = engine.stats()["draft"]
+            a, b = before["draft"], after["draft"]
+            row["draft_actor"] = b
+            steps = b["steps"] - a["steps"]
+            if steps and "busy_s" in b:  # the actor's own work per step; the rest of the leader's wait is exchange
+                row["draft_actor_busy_ms_per_step"] = 1e3 * (b["busy_s"] - a["busy_s"]) / steps
         return row
     finally:
         engine.shutdown()
@@ -314,6 +318,10 @@ def main() -> None:
         rows = {"inprocess_colocated": run_inprocess(colocated, prompt, args.tokens, warm),
                 "distributed_colocated": run_distributed(colocated, prompt, args.tokens, args.ray_address, warm),
                 "distributed_separate": run_distributed(separate, prompt, args.tokens, args.ray_address, warm)}
+        sep = rows["distributed_separate"]
+        if "draft_actor_busy_ms_per_step" in sep:  # leader's wait for the draft = actor work + exchange
+            sep["draft_exchange_ms_per_spec_step"] = (sep["draft_wait_ms_per_spec_step"]
+                                                      - sep["draft_actor_busy_ms_per_step"])
         for row in rows.values():  # end to end, driver's wall clock: decode time / speculative steps
             decode_ms = row["decode_ms_per_token"] * (len(row["tokens"]) - 1)
             row["wall_ms_per_spec_step"] = decode_ms / max(row.get("spec_steps", 0), 1)

@@ -194,7 +194,9 @@ class DraftWorker:
         self.mirror: dict[str, MirrorSeq] = {}
         self.trees: dict[str, DraftTree] = {}
         self.guess: dict[str, Any] | None = None
-        self.stats = {"guesses": 0, "guess_hits": 0, "steps": 0}
+        # steps answered, overlap guesses made and confirmed, and the seconds between reading a step
+        # request and writing its reply (the actor's own work: commit, encode, draft, copy the trees out)
+        self.stats = {"guesses": 0, "guess_hits": 0, "steps": 0, "busy_s": 0.0}
 
     # ---- one exchange ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -202,6 +204,7 @@ class DraftWorker:
         rx, tx = self.world.to_draft, self.world.from_draft
         while True:
             op, events, batch = rx.read()
+            t0 = time.perf_counter()
             if self.guess is not None and not (op == "step" and self._guess_holds(events, batch)):
                 self._rollback()
             if op == "stop":
@@ -216,6 +219,7 @@ class DraftWorker:
             else:
                 reply = self._step(events, batch)
             tx.write(reply)
+            self.stats["busy_s"] += time.perf_counter() - t0
             self.stats["steps"] += 1
             if self.overlap:
                 self._make_guess(batch)

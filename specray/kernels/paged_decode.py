@@ -45,9 +45,10 @@ def choose_num_splits(
 ) -> int:
     """Number of KV splits so that the split kernel fills the GPU without tiny splits.
 
-    Aims for about ``3 * num_sms`` programs in the (batch, kv head, split) grid: on an H100 (bf16,
-    d=128, 32-token blocks) 256-512 programs read the cache at 2.7-2.9 TB/s once the KV is large
-    enough, while more splits only add merge traffic. A split never gets fewer than
+    Aims for about ``4 * num_sms`` programs in the (batch, kv head, split) grid. On an H200 (bf16, d=128,
+    64-token blocks, batch 1, 32K, `benchmarks/decode_splits.py`) about 512 programs were fastest both with
+    8 KV heads (64 splits: 1.05x the 400 programs of the earlier 3 * num_sms rule) and with the 4 KV heads
+    of a TP=2 shard (128 splits: 1.07x); more splits only add merge traffic. A split never gets fewer than
     ``min_tokens_per_split`` tokens of the longest sequence and there are at most ``max_splits``.
     The result depends only on its arguments (not on the live sequence lengths), so choose it from
     the configured maximum context and batch size when building ``PagedDecodeAttention``.
@@ -55,7 +56,7 @@ def choose_num_splits(
     if batch < 1 or num_kv_heads < 1 or num_sms < 1:
         raise ValueError("batch, num_kv_heads and num_sms must be >= 1")
     programs = batch * num_kv_heads
-    wanted = -(-3 * num_sms // programs)
+    wanted = -(-4 * num_sms // programs)
     by_length = max(1, -(-max(max_seq_len, 1) // min_tokens_per_split))
     return max(1, min(wanted, by_length, max_splits))
 

@@ -54,6 +54,32 @@ class RMSNorm(nn.Module):
         return out if residual is None else (out, residual)
 
 
+class Linear(nn.Linear):
+    """`nn.Linear` whose single-row products (batch-1 decode) run the Triton GEMV of `specray.kernels.gemv`
+    when `fused` is set (CUDA, 16-bit weights whose shape a launch config divides); every other call is
+    `F.linear`."""
+
+    fused = False
+    gemv_config = None  # chosen once, when `fused` is set
+
+    def use_gemv(self, enabled: bool) -> None:
+        from specray.kernels.gemv import choose_config
+
+        cfg = choose_config(*self.weight.shape) if enabled else None
+        self.fused = cfg is not None and self.weight.dtype in (torch.float16, torch.bfloat16)
+        self.gemv_config = cfg
+
+    def gemv_fits(self, x: torch.Tensor) -> bool:
+        return self.fused and x.dim() == 2 and x.shape[0] == 1 and x.dtype == self.weight.dtype and x.stride(-1) == 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemv_fits(x):
+            from specray.kernels.gemv import gemv
+
+            return gemv(x, self.weight, self.gemv_config, bias=self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
 class Attention(nn.Module):
     def __init__(self, arch: ModelArch, layer_idx: int):
         super().__init__()
@@ -62,8 +88,8 @@ class Attention(nn.Module):
         self.q_size, self.kv_size = arch.q_size, arch.kv_size
         self.scale = self.head_dim**-0.5
         self.sliding_window = arch.sliding_windows[layer_idx] if arch.sliding_windows else None
-        self.qkv_proj = nn.Linear(arch.hidden_size, self.q_size + 2 * self.kv_size, bias=arch.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, arch.hidden_size, bias=False)
+        self.qkv_proj = Linear(arch.hidden_size, self.q_size + 2 * self.kv_size, bias=arch.attention_bias)
+        self.o_proj = Linear(self.q_size, arch.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
 
@@ -91,8 +117,8 @@ class MLP(nn.Module):
     def __init__(self, arch: ModelArch):
         super().__init__()
         self.intermediate = arch.intermediate_size
-        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
+        self.gate_up_proj = Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
+        self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, bias=False)
         self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,10 +185,13 @@ class DecoderLM(nn.Module):
         return x
 
     def use_fused_ops(self, enabled: bool = True) -> None:
-        """Route norms, RoPE and SiLU*mul through the Triton kernels of `specray.kernels.fused`."""
+        """Route norms, RoPE and SiLU*mul through the Triton kernels of `specray.kernels.fused`, and the
+        layers' batch-1 projections through `specray.kernels.gemv`."""
         for m in self.modules():
             if isinstance(m, (RMSNorm, MLP, RotaryEmbedding)):
                 m.fused = enabled
+            if isinstance(m, Linear):
+                m.use_gemv(enabled)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [S, hidden] -> [S, V] fp32
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

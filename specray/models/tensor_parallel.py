@@ -33,7 +33,7 @@ from torch import nn
 from specray.errors import ConfigError
 from specray.models.arch import ModelArch
 from specray.models.checkpoint import WeightSource
-from specray.models.decoder import DecoderLM
+from specray.models.decoder import DecoderLM, Linear
 from specray.models.rope import RotaryEmbedding
 from specray.models.tp_comm import PendingSum, TPAllReduce
 
@@ -70,7 +70,7 @@ def local_arch(arch: ModelArch, tp: int) -> ModelArch:
     )
 
 
-class RowParallelLinear(nn.Linear):
+class RowParallelLinear(Linear):
     """y = x_local @ W_local^T, summed over the tp ranks (no bias: O and down have none).
 
     With a `site` (0 or 1) and a batch that fits the fused path, the partial is written into that
@@ -83,9 +83,14 @@ class RowParallelLinear(nn.Linear):
         r = self.reduce
         if self.site is not None and r.can_fuse(x.shape[0], self.out_features, x.dtype):
             part = r.partial_region(self.site, x.shape[0], self.out_features)  # [T, out]
-            torch.matmul(x, self.weight.t(), out=part)
+            if self.gemv_fits(x):
+                from specray.kernels.gemv import gemv
+
+                gemv(x, self.weight, self.gemv_config, out=part)
+            else:
+                torch.matmul(x, self.weight.t(), out=part)
             return PendingSum(r, self.site, part)
-        return r(F.linear(x, self.weight))
+        return r(super().forward(x))
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -1,0 +1,97 @@
+"""The batch-1 Triton GEMV (`specray.kernels.gemv`) and its use by the decoder's `Linear` layers.
+
+Owns no data: random weights and inputs per test. Oracles: a float64 product (the kernel accumulates in fp32
+and rounds once, so it is within a rounding step of it) and `F.linear`. Without CUDA the kernel runs under
+Triton's CPU interpreter on small shapes; with CUDA the same tests run compiled, plus the real Llama-3.1-8B
+projection shapes.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from specray.kernels.gemv import GemvConfig, choose_config, gemv, gemv_ref  # noqa: E402
+from specray.models.decoder import Linear  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def within_a_rounding_step(got: torch.Tensor, x, w, b=None) -> None:
+    want = x.double() @ w.double().t()
+    if b is not None:
+        want = want + b.double()
+    ulp = torch.finfo(got.dtype).eps * want.abs().clamp_min(1e-3)
+    assert ((got.double() - want).abs() <= 1.01 * ulp + 1e-6 * want.abs().max()).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,cfg", [((32, 64), GemvConfig(8, 16, 4, 2)), ((64, 96), GemvConfig(4, 32, 4, 4)),
+                                       ((48, 128), GemvConfig(16, 128, 4, 2))])
+def test_gemv_is_the_product_rounded_once(dtype, shape, cfg):
+    g = torch.Generator().manual_seed(sum(shape))
+    n, k = shape
+    w = torch.randn(n, k, generator=g).to(dtype).to(DEVICE)
+    x = torch.randn(1, k, generator=g).to(dtype).to(DEVICE)
+    b = torch.randn(n, generator=g).to(dtype).to(DEVICE)
+    within_a_rounding_step(gemv(x, w, cfg), x, w)
+    got = gemv(x, w, cfg, bias=b)
+    within_a_rounding_step(got, x, w, b)
+    out = torch.full((1, n), float("nan"), dtype=dtype, device=DEVICE)
+    assert gemv(x, w, cfg, out=out) is out and torch.equal(out, gemv(x, w, cfg))
+    torch.testing.assert_close(got, gemv_ref(x, w, b), rtol=2 * torch.finfo(dtype).eps, atol=1e-3)
+
+
+def test_gemv_refuses_what_it_cannot_do():
+    w = torch.randn(32, 64).bfloat16().to(DEVICE)
+    with pytest.raises(ValueError, match="does not take"):
+        gemv(torch.randn(2, 64).bfloat16().to(DEVICE), w, GemvConfig(8, 16, 4, 2))  # two rows
+    with pytest.raises(ValueError, match="does not take"):
+        gemv(torch.randn(1, 64).bfloat16().to(DEVICE), w, GemvConfig(8, 48, 4, 2))  # K % BLOCK_K
+    with pytest.raises(ValueError, match="does not take"):
+        gemv(torch.randn(1, 64).to(DEVICE), w.float(), GemvConfig(8, 16, 4, 2))  # fp32
+
+
+def test_choose_config_divides_the_shape_or_declines():
+    for n, k in [(6144, 4096), (4096, 2048), (14336, 4096), (4096, 7168), (1152, 896), (4864 * 2, 896)]:
+        cfg = choose_config(n, k)
+        assert cfg is not None and n % cfg[0] == 0 and k % cfg[1] == 0, (n, k, cfg)
+    # the measured best launches of benchmarks/gemv.py (H200)
+    assert choose_config(3072, 4096) == (4, 512, 4, 4) and choose_config(28672, 4096) == (16, 256, 4, 2)
+    assert choose_config(4096, 4096) == (8, 256, 4, 2) and choose_config(4096, 14336) == (4, 512, 4, 4)
+    assert choose_config(30, 64) is None  # no block of 4, 8 or 16 rows divides 30
+    assert choose_config(64, 36) is None  # no power-of-two K block >= 32 divides 36
+
+
+def test_linear_uses_the_gemv_for_one_row_only():
+    g = torch.Generator().manual_seed(0)
+    lin = Linear(64, 32, bias=True).to(torch.bfloat16).to(DEVICE)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(32, 64, generator=g))
+        lin.bias.copy_(torch.randn(32, generator=g))
+    lin.use_gemv(True)
+    assert lin.fused and lin.gemv_config is not None
+    one = torch.randn(1, 64, generator=g).bfloat16().to(DEVICE)
+    many = torch.randn(3, 64, generator=g).bfloat16().to(DEVICE)
+    with torch.no_grad():
+        within_a_rounding_step(lin(one), one, lin.weight, lin.bias)
+        assert torch.equal(lin(many), F.linear(many, lin.weight, lin.bias))  # more than one row: F.linear
+        lin.use_gemv(False)
+        assert not lin.fused and torch.equal(lin(one), F.linear(one, lin.weight, lin.bias))
+    fp32 = Linear(64, 32).to(DEVICE)
+    fp32.use_gemv(True)
+    assert not fp32.fused  # 16-bit weights only
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real shapes need a GPU")
+@pytest.mark.parametrize("n,k", [(6144, 4096), (3072, 4096), (4096, 2048), (4096, 7168), (14336, 4096)])
+def test_gemv_real_shapes(n, k):
+    g = torch.Generator(device="cuda").manual_seed(n + k)
+    w = torch.randn(n, k, device="cuda", generator=g).bfloat16() * 0.02
+    x = torch.randn(1, k, device="cuda", generator=g).bfloat16()
+    within_a_rounding_step(gemv(x, w, choose_config(n, k)), x, w)
