@@ -3,7 +3,7 @@ of a Llama-3.1-8B layer, whole (TP=1) and as one rank's shard at TP=2, bf16.
 
 Each timing replays a CUDA graph of `--iters` calls that rotate over enough weight copies (>= 4x L2 and
 >= 256 MiB) that no call finds its weight in L2, as in a decoder where every layer has its own weights.
-Bandwidth = weight bytes / time; also shown as a fraction of a device-to-device copy (bytes read + written).
+Bandwidth = weight bytes / time; the copy bandwidth (`decode.copy_bandwidth`: bytes read + written) is recorded.
 
     python benchmarks/gemv.py --out gemv.json
 """
@@ -16,6 +16,7 @@ import itertools
 import json
 
 import torch
+from decode import copy_bandwidth  # benchmarks/decode.py, beside this script
 
 from specray.kernels.gemv import GemvConfig, fits, gemv, gemv_ref
 
@@ -23,20 +24,6 @@ SHAPES = {  # name: (N, K)
     "qkv_tp1": (6144, 4096), "o_tp1": (4096, 4096), "gate_up_tp1": (28672, 4096), "down_tp1": (4096, 14336),
     "qkv_tp2": (3072, 4096), "o_tp2": (4096, 2048), "gate_up_tp2": (14336, 4096), "down_tp2": (4096, 7168),
 }
-
-
-def copy_bandwidth() -> float:
-    src = torch.empty(1 << 30, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(10):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return 2 * src.numel() * 2 / sorted(times)[5]
 
 
 def graph_time(fn, iters: int) -> float:
