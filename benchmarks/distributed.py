@@ -251,7 +251,7 @@ def main() -> None:
     ap.add_argument("--latency-context", type=int, default=32768)
     ap.add_argument("--pair-context", type=int, default=16384)
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--latency-variants", nargs="*", default=["tp2_unfused", "tp2_nccl"],
+    ap.add_argument("--latency-variants", nargs="*", default=["tp2_prefetch", "tp2_unfused", "tp2_nccl"],
                     help="latency variants besides tp1 and tp2")
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="latency: also profile this many leader decode steps (after the timed window starts; "
@@ -294,8 +294,10 @@ def main() -> None:
     if "latency" in args.sections:
         prompt = torch.randint(0, 128000, (args.latency_context,), generator=g).tolist()
         # tp2: symmetric memory, O/down partials summed inside the next RMSNorm kernel (the default);
-        # tp2_unfused: the one-shot symmetric-memory all-reduce, then the norm; tp2_nccl: NCCL only
+        # tp2_prefetch: also 24 MB of the next weight read into L2 meanwhile; tp2_unfused: the one-shot
+        # symmetric-memory all-reduce, then the norm; tp2_nccl: NCCL only
         variants = {"tp1": (1, {}), "tp2": (2, {}), "tp2_unfused": (2, {"fuse_allreduce_rmsnorm": False}),
+                    "tp2_prefetch": (2, {"tp_weight_prefetch_mb": 24}),
                     "tp2_nccl": (2, {"disable_custom_all_reduce": True})}
         variants = {k: v for k, v in variants.items() if k in ("tp1", "tp2", *args.latency_variants)}
         rows = {name: run_distributed(engine_config(target, max_len, tp, **kw), prompt,

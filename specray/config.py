@@ -224,6 +224,9 @@ class EngineConfig:
     disable_custom_all_reduce: bool = False
     # with symmetric memory and fused_ops: O/down partials are summed by the RMSNorm kernel that follows
     fuse_allreduce_rmsnorm: bool = True
+    # with the fused all-reduce: MB of the next projection's weight read into L2 while it waits (0: off;
+    # experimental, not yet measured on a GPU)
+    tp_weight_prefetch_mb: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, ("auto", "float32", "float16", "bfloat16"))
@@ -233,6 +236,10 @@ class EngineConfig:
         if self.overlap and (spec is None or spec.draft_placement != "separate" or spec.method != "draft_model"):
             raise ConfigError(
                 "overlap: true needs speculative_config.method 'draft_model' with draft_placement 'separate'"
+            )
+        if not isinstance(self.tp_weight_prefetch_mb, int) or not 0 <= self.tp_weight_prefetch_mb <= 1024:
+            raise ConfigError(
+                f"tp_weight_prefetch_mb must be an integer in [0, 1024], got {self.tp_weight_prefetch_mb!r}"
             )
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
         _check_choice("attention_backend", self.attention_backend, ("auto", "torch", "triton"))

@@ -70,7 +70,7 @@ class LLMEngine:
         if self.device.type == "cuda" and config.fused_ops:
             self.model.use_fused_ops(True)
             if config.fuse_allreduce_rmsnorm and hasattr(self.model, "fuse_all_reduce_norm"):  # a TP shard
-                self.model.fuse_all_reduce_norm()
+                self.model.fuse_all_reduce_norm(config.tp_weight_prefetch_mb)
 
         page_size = config.cache.page_size
         spec = KVCacheSpec.of(self.model.arch, page_size, self.dtype)  # a TP shard holds its KV heads only

@@ -78,6 +78,7 @@ class RowParallelLinear(Linear):
 
     reduce: TPAllReduce
     site: int | None = None
+    prefetch_next: torch.Tensor | None = None  # the weight of the projection after the next norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | PendingSum:  # [T, in/tp] -> [T, out]
         r = self.reduce
@@ -89,7 +90,7 @@ class RowParallelLinear(Linear):
                 gemv(x, self.weight, self.gemv_config, out=part)
             else:
                 torch.matmul(x, self.weight.t(), out=part)
-            return PendingSum(r, self.site, part)
+            return PendingSum(r, self.site, part, self.prefetch_next)
         return r(super().forward(x))
 
 
@@ -125,16 +126,24 @@ class TPDecoderLM(DecoderLM):
             attn.o_proj = _row_parallel(attn.o_proj, reduce)
             mlp.down_proj = _row_parallel(mlp.down_proj, reduce)
 
-    def fuse_all_reduce_norm(self) -> bool:
+    def fuse_all_reduce_norm(self, prefetch_mb: int = 0) -> bool:
         """Let O and down leave their partials for the next RMSNorm to sum (`PendingSum`): O in region 0
         (summed by post_attention_layernorm), down in region 1 (the next layer's input_layernorm, or the final
         norm). Consecutive fused sums never share a region. Needs fused RMSNorm kernels and a reducer with
-        the fused path; returns whether it is on."""
+        the fused path; returns whether it is on.
+
+        `prefetch_mb` > 0: beside each fused sum, read that much of the next projection's weight into L2
+        (after O: this layer's gate/up; after down: the next layer's QKV)."""
         if not (self.reduce.fuses_norm and self.norm.fused):
             return False
-        for layer in self.layers:
+        self.reduce.prefetch_bytes = prefetch_mb << 20
+        for i, layer in enumerate(self.layers):
             layer.self_attn.o_proj.site = 0
             layer.mlp.down_proj.site = 1
+            if prefetch_mb > 0:  # plain tensors sharing the weights' storage (not registered as parameters)
+                layer.self_attn.o_proj.prefetch_next = layer.mlp.gate_up_proj.weight.detach()
+                if i + 1 < len(self.layers):
+                    layer.mlp.down_proj.prefetch_next = self.layers[i + 1].self_attn.qkv_proj.weight.detach()
         return True
 
     @classmethod

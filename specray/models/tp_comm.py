@@ -39,10 +39,12 @@ def _all_ranks(ok: bool, cpu_group: Any) -> bool:
 
 class PendingSum:
     """A row-parallel layer's partial output [T, H], already in this rank's region `site`, whose sum over the
-    ranks the next RMSNorm computes (`reduce_norm`), fused with its residual add."""
+    ranks the next RMSNorm computes (`reduce_norm`), fused with its residual add. `prefetch`: the weight of
+    the projection after the norm, whose start is read into L2 on a side stream while the sum waits for the
+    peers (see `specray.kernels.l2_prefetch`)."""
 
-    def __init__(self, reduce: TPAllReduce, site: int, partial: torch.Tensor):
-        self.reduce, self.site, self.partial = reduce, site, partial
+    def __init__(self, reduce: TPAllReduce, site: int, partial: torch.Tensor, prefetch: torch.Tensor | None = None):
+        self.reduce, self.site, self.partial, self.prefetch = reduce, site, partial, prefetch
 
     def reduce_norm(self, residual: torch.Tensor | None, weight: torch.Tensor,
                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,8 +52,19 @@ class PendingSum:
         from specray.kernels.tp_norm import all_reduce_add_rms_norm
 
         r = self.reduce
-        return all_reduce_add_rms_norm(r.part_tables[self.site], r.flag_table, r.rank, self.partial.shape[0],
-                                       residual, weight, eps)
+        side = r.side_stream if self.prefetch is not None and r.prefetch_bytes > 0 else None
+        if side is not None:  # fork: the prefetch runs beside the barrier; joined before the next projection
+            from specray.kernels.l2_prefetch import l2_prefetch
+
+            main = torch.cuda.current_stream(self.partial.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                l2_prefetch(self.prefetch, r.prefetch_bytes, r.sink)
+        out = all_reduce_add_rms_norm(r.part_tables[self.site], r.flag_table, r.rank, self.partial.shape[0],
+                                      residual, weight, eps)
+        if side is not None:
+            main.wait_stream(side)
+        return out
 
 
 class TPAllReduce:
@@ -71,6 +84,10 @@ class TPAllReduce:
         self.flag_table: torch.Tensor | None = None
         self.rank = 0
         self.fuse_reason = "fused all-reduce + RMSNorm not requested"
+        # L2 prefetch of the next projection's weight beside each fused sum (0: off; set by the model)
+        self.prefetch_bytes = 0
+        self.side_stream: torch.cuda.Stream | None = None
+        self.sink: torch.Tensor | None = None  # [1] int32 scratch of the prefetch kernel
         self._keep: list[Any] = []  # symmetric allocations and handles the tables point into
         if symmetric_memory:
             self.fallback_reason = self._setup(dtype, device, cpu_group)
@@ -128,6 +145,8 @@ class TPAllReduce:
             return reason or "another rank could not set up the fused all-reduce"
         self.regions, self.rank = regions.view(2, elems), rank
         self._keep = [regions, flags, h_regions, h_flags, views, flag_views]
+        self.side_stream = torch.cuda.Stream(device)
+        self.sink = torch.zeros(1, dtype=torch.int32, device=device)
         return ""
 
     @property

@@ -157,3 +157,34 @@ def test_all_reduce_says_why_it_falls_back_to_torch_distributed():
     red = TPAllReduce(None, dtype=torch.float16, device=torch.device("cuda", 0), symmetric_memory=True)
     assert not red.uses_symmetric_memory and "float16" in red.fallback_reason
     assert TPAllReduce(None).fallback_reason == "symmetric memory not requested"
+
+
+@pytest.mark.parametrize("prefetch_mb", [0, 24])
+def test_fused_all_reduce_wiring(ckpt, prefetch_mb):
+    """With a reducer that has the fused path, O and down leave their partials in alternating regions and,
+    with a prefetch size, point at the weight of the projection after the next norm (same storage, not a
+    new parameter). Without fused norms nothing is wired."""
+    from specray.models.tensor_parallel import TPContext, TPDecoderLM
+    from specray.models.tp_comm import TPAllReduce
+
+    arch = ModelArch.from_hf_config(ckpt.hf_config)
+    red = TPAllReduce(None)
+    red.regions = torch.zeros(2, 64)  # stands in for the symmetric regions set up on CUDA
+    model = TPDecoderLM.empty_shard(arch, TPContext(0, 1, None, red), 64, torch.float32, torch.device("cpu"))
+    params = {n for n, _ in model.named_parameters()}
+    assert not model.fuse_all_reduce_norm(prefetch_mb)  # norms not fused yet
+    assert all(layer.self_attn.o_proj.site is None for layer in model.layers)
+    model.use_fused_ops(True)
+    assert model.fuse_all_reduce_norm(prefetch_mb)
+    assert {n for n, _ in model.named_parameters()} == params
+    assert red.prefetch_bytes == prefetch_mb << 20
+    layers = model.layers
+    for i, layer in enumerate(layers):
+        o, down = layer.self_attn.o_proj, layer.mlp.down_proj
+        assert (o.site, down.site) == (0, 1)
+        if prefetch_mb == 0:
+            assert o.prefetch_next is None and down.prefetch_next is None
+            continue
+        assert o.prefetch_next.data_ptr() == layer.mlp.gate_up_proj.weight.data_ptr()
+        nxt = layers[i + 1].self_attn.qkv_proj.weight.data_ptr() if i + 1 < len(layers) else None
+        assert (down.prefetch_next.data_ptr() if down.prefetch_next is not None else None) == nxt
