@@ -195,7 +195,8 @@ class DraftWorker:
         self.trees: dict[str, DraftTree] = {}
         self.guess: dict[str, Any] | None = None
         # steps answered, overlap guesses made and confirmed, and the seconds between reading a step
-        # request and writing its reply (the actor's own work: commit, encode, draft, copy the trees out)
+        # request and writing its reply (the actor's own work: commit, encode, draft, copy the trees out;
+        # an overlap guess drafted after the reply is not included)
         self.stats = {"guesses": 0, "guess_hits": 0, "steps": 0, "busy_s": 0.0}
 
     # ---- one exchange ---------------------------------------------------------------------------

@@ -11,7 +11,9 @@ A row-parallel layer (O, down) writes its partial output straight into this rank
     h = round(s + residual)     residual <- h                       (without a residual: residual_out <- s)
     out = rms_norm(h) * weight                                       (as `specray.kernels.fused.rms_norm_ref`)
 
-so the result equals the unfused path (all-reduce, then `add_rms_norm`) and every rank gets the same bits.
+Every rank gets the same bits. With 2 ranks (any dtype) or fp32 this equals the unfused path (PyTorch's one-shot
+all-reduce, then `add_rms_norm`) up to the norm's reduction order. With more ranks in 16 bits it does not: the
+one-shot kernel rounds after every pairwise add, this kernel once after an fp32 sum (at least as accurate).
 
 Barrier (per program, before any row is read): program p of rank i sets flag [p, i] of every peer from 0
 to 1 (compare-and-swap, release, system scope; it waits while the peer has not yet taken the previous
@@ -47,7 +49,8 @@ MAX_HIDDEN = 8192  # one row in registers
 def all_reduce_add_rms_norm_ref(
     partials: list[torch.Tensor], residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, new residual) of the fused op from the ranks' partials [T, H] (rank order); does not mutate."""
+    """(out, new residual) of the fused op from the ranks' partials [T, H] (rank order): an fp32 sum rounded
+    once, then `add_rms_norm_ref`. Does not mutate."""
     acc = torch.zeros(partials[0].shape, dtype=torch.float32, device=partials[0].device)
     for p in partials:
         acc += p.float()

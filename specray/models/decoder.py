@@ -70,7 +70,11 @@ class Linear(nn.Linear):
         self.gemv_config = cfg
 
     def gemv_fits(self, x: torch.Tensor) -> bool:
-        return self.fused and x.dim() == 2 and x.shape[0] == 1 and x.dtype == self.weight.dtype and x.stride(-1) == 1
+        if not self.fused:
+            return False
+        from specray.kernels.gemv import fits
+
+        return fits(x, self.weight, self.gemv_config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gemv_fits(x):

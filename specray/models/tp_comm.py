@@ -53,16 +53,18 @@ class PendingSum:
 
         r = self.reduce
         side = r.side_stream if self.prefetch is not None and r.prefetch_bytes > 0 else None
-        if side is not None:  # fork: the prefetch runs beside the barrier; joined before the next projection
-            from specray.kernels.l2_prefetch import l2_prefetch
-
+        if side is not None:
             main = torch.cuda.current_stream(self.partial.device)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                l2_prefetch(self.prefetch, r.prefetch_bytes, r.sink)
+            partial_ready = torch.cuda.Event()
+            partial_ready.record(main)
         out = all_reduce_add_rms_norm(r.part_tables[self.site], r.flag_table, r.rank, self.partial.shape[0],
                                       residual, weight, eps)
-        if side is not None:
+        if side is not None:  # fork after the norm kernel is queued (it gets the SMs first); join before the
+            from specray.kernels.l2_prefetch import l2_prefetch  # next projection
+
+            side.wait_event(partial_ready)
+            with torch.cuda.stream(side):
+                l2_prefetch(self.prefetch, r.prefetch_bytes, r.sink)
             main.wait_stream(side)
         return out
 
@@ -105,7 +107,7 @@ class TPAllReduce:
 
         regions = self.regions
         return (regions is not None and dtype == regions.dtype and hidden <= MAX_HIDDEN
-                and rows * hidden <= regions.shape[1])
+                and 1 <= rows and rows * hidden <= regions.shape[1])
 
     def partial_region(self, site: int, rows: int, hidden: int) -> torch.Tensor:
         """This rank's region `site` (0 or 1) as a [rows, hidden] tensor for a layer's partial output."""
@@ -119,32 +121,53 @@ class TPAllReduce:
 
         from specray.kernels.tp_norm import MAX_PROGRAMS
 
-        reason = ""
-        try:
-            elems = self.max_bytes // torch.tensor([], dtype=dtype).element_size()
-            regions = symm_mem.empty(2 * elems, dtype=dtype, device=device)
-            world = dist.get_world_size(self.group)
-            flags = symm_mem.empty(MAX_PROGRAMS * world, dtype=torch.int32, device=device)
-            flags.zero_()
-            h_regions = symm_mem.rendezvous(regions, self.group_name)
-            h_flags = symm_mem.rendezvous(flags, self.group_name)
+        def stage(step) -> str:
+            """Run one set-up step; '' when it succeeded on every rank (so no rank is left waiting in a later
+            collective rendezvous for one that failed), else why not."""
+            reason = ""
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001 - no fused path here: the one-shot kernel and a norm
+                reason = f"{type(e).__name__}: {e}"
+            if not _all_ranks(not reason, cpu_group):
+                return reason or "another rank could not set up the fused all-reduce"
+            return ""
+
+        elems = self.max_bytes // torch.tensor([], dtype=dtype).element_size()
+        world = dist.get_world_size(self.group)
+        got: dict[str, Any] = {}
+
+        def allocate() -> None:
+            got["regions"] = symm_mem.empty(2 * elems, dtype=dtype, device=device)
+            got["flags"] = symm_mem.empty(MAX_PROGRAMS * world, dtype=torch.int32, device=device)
+            got["flags"].zero_()
+            torch.cuda.synchronize(device)  # zero before any rendezvous, so before any peer can signal
+
+        def rendezvous_regions() -> None:
+            got["h_regions"] = symm_mem.rendezvous(got["regions"], self.group_name)
+
+        def rendezvous_flags() -> None:
+            got["h_flags"] = symm_mem.rendezvous(got["flags"], self.group_name)
+
+        def tables() -> None:
+            regions, flags, h_regions, h_flags = got["regions"], got["flags"], got["h_regions"], got["h_flags"]
             rank = h_regions.rank
             views = [h_regions.get_buffer(r, (2 * elems,), dtype) for r in range(world)]
             flag_views = [h_flags.get_buffer(r, (MAX_PROGRAMS * world,), torch.int32) for r in range(world)]
             if views[rank].data_ptr() != regions.data_ptr() or flag_views[rank].data_ptr() != flags.data_ptr():
                 raise RuntimeError("symmetric buffer views do not start at the allocations")
             item = regions.element_size()
-            self.part_tables = [torch.tensor([v.data_ptr() + s * elems * item for v in views], dtype=torch.int64,
-                                             device=device) for s in range(2)]
-            self.flag_table = torch.tensor([v.data_ptr() for v in flag_views], dtype=torch.int64, device=device)
-            torch.cuda.synchronize(device)  # flags are zero before any peer can signal
-        except Exception as e:  # noqa: BLE001 - no fused path here: the one-shot kernel and a norm, and say why
-            reason = f"{type(e).__name__}: {e}"
-        if not _all_ranks(not reason, cpu_group):
-            self.part_tables, self.flag_table = [], None
-            return reason or "another rank could not set up the fused all-reduce"
-        self.regions, self.rank = regions.view(2, elems), rank
-        self._keep = [regions, flags, h_regions, h_flags, views, flag_views]
+            got["part_tables"] = [torch.tensor([v.data_ptr() + s * elems * item for v in views], dtype=torch.int64,
+                                               device=device) for s in range(2)]
+            got["flag_table"] = torch.tensor([v.data_ptr() for v in flag_views], dtype=torch.int64, device=device)
+            got["rank"], got["keep"] = rank, [regions, flags, h_regions, h_flags, views, flag_views]
+
+        for step in (allocate, rendezvous_regions, rendezvous_flags, tables):
+            reason = stage(step)
+            if reason:
+                return reason
+        self.part_tables, self.flag_table = got["part_tables"], got["flag_table"]
+        self.regions, self.rank, self._keep = got["regions"].view(2, elems), got["rank"], got["keep"]
         self.side_stream = torch.cuda.Stream(device)
         self.sink = torch.zeros(1, dtype=torch.int32, device=device)
         return ""

@@ -150,7 +150,6 @@ def _fused_norm_checks(rank: int, dtype: torch.dtype, dev: torch.device) -> list
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out_g = chain(static_h, static_r, False)
-    ok = True
     for _ in range(50):
         static_h.copy_(h0)
         static_r.copy_(r0)

@@ -3,8 +3,8 @@
 Owns no data. Without CUDA the kernel runs under Triton's CPU interpreter: each "rank" is a forked
 process that launches the kernel on its own partial, and the int64 address tables point at shared-memory
 CPU tensors (the same addresses in every process), so the flag barrier really pairs the processes'
-programs. Oracles: the module's reference (the unfused path's
-rounding: sum in fp32 in rank order, round, add the residual, round, RMSNorm) for exact bits, and an
+programs. Oracles: the module's reference (sum in fp32 in rank order, round once, add the residual, round,
+RMSNorm: the unfused path's rounding for 2 ranks) for exact bits, and an
 independent float64 formula written here for closeness. Also checked: every rank gets the same bits, the
 residual is updated in place, the flags end at zero, and a rank waits for a late peer's partial.
 """
@@ -50,20 +50,23 @@ class Ranks:
         self.in_place = torch.zeros(world, dtype=torch.int32).share_memory_()
         self.world, self.rows = world, rows
 
-    def _rank_main(self, rank: int, with_residual: bool, before) -> None:
+    def _rank_main(self, rank: int, with_residual: bool, before, calls: int = 1) -> None:
         if before is not None:
             before(rank)
-        res = self.residual.clone() if with_residual else None
-        out, new_res = all_reduce_add_rms_norm(self.part_table, self.flag_table, rank, self.rows, res,
-                                               self.weight, EPS)
+        for _ in range(calls):  # back to back on the same flags: a fast rank waits until its last signal is taken
+            res = self.residual.clone() if with_residual else None
+            out, new_res = all_reduce_add_rms_norm(self.part_table, self.flag_table, rank, self.rows, res,
+                                                   self.weight, EPS)
         self.outs[rank].copy_(out)
         self.res_outs[rank].copy_(new_res)
         self.in_place[rank] = int(new_res is res)
 
-    def run(self, with_residual: bool, before=None, timeout: float = 120.0) -> None:
-        """Launch every rank's kernel in its own forked process; `before(rank)` runs there first."""
+    def run(self, with_residual: bool, before=None, timeout: float = 120.0, calls: int = 1) -> None:
+        """Launch every rank's kernel (`calls` times) in its own forked process; `before(rank)` runs there
+        first."""
         ctx = mp.get_context("fork")
-        procs = [ctx.Process(target=self._rank_main, args=(r, with_residual, before)) for r in range(self.world)]
+        procs = [ctx.Process(target=self._rank_main, args=(r, with_residual, before, calls))
+                 for r in range(self.world)]
         for p in procs:
             p.start()
         for p in procs:
@@ -112,7 +115,7 @@ def test_two_ranks_match_the_unfused_rounding_and_agree(dtype, with_residual):
 def test_more_rows_than_programs_and_four_ranks():
     ranks = Ranks(2, rows=MAX_PROGRAMS + 3, hidden=16, dtype=torch.bfloat16, seed=1)  # 2 rows per program
     want = all_reduce_add_rms_norm_ref(ranks.parts, ranks.residual, ranks.weight, EPS)
-    ranks.run(True)
+    ranks.run(True, calls=3)
     for rank in range(2):
         assert torch.equal(ranks.outs[rank], want[0]) and torch.equal(ranks.res_outs[rank], want[1])
     four = Ranks(4, rows=2, hidden=32, dtype=torch.float32, seed=2)

@@ -188,3 +188,43 @@ def test_fused_all_reduce_wiring(ckpt, prefetch_mb):
         assert o.prefetch_next.data_ptr() == layer.mlp.gate_up_proj.weight.data_ptr()
         nxt = layers[i + 1].self_attn.qkv_proj.weight.data_ptr() if i + 1 < len(layers) else None
         assert (down.prefetch_next.data_ptr() if down.prefetch_next is not None else None) == nxt
+
+
+def test_fused_all_reduce_setup_agrees_per_step_and_says_why(monkeypatch):
+    """`_setup_fused` with symmetric memory simulated on CPU (one rank): success builds one address table per
+    region and one for the flags (zeroed); a failing rendezvous leaves the fused path off and names the error."""
+    import torch.distributed as dist
+    import torch.distributed._symmetric_memory as symm_mem
+
+    from specray.models.tp_comm import TPAllReduce
+
+    class Handle:
+        rank = 0
+
+        def __init__(self, t):
+            self.t = t
+
+        def get_buffer(self, rank, sizes, dtype):
+            return self.t.view(dtype)[: sizes[0]]
+
+    monkeypatch.setattr(symm_mem, "empty", lambda n, dtype, device: torch.full((n,), 7, dtype=dtype))
+    monkeypatch.setattr(symm_mem, "rendezvous", lambda t, name: Handle(t))
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *a: "side stream")
+    red = TPAllReduce(None, max_bytes=1 << 12)
+    assert red._setup_fused(torch.bfloat16, torch.device("cpu"), None) == "" and red.fuses_norm
+    assert red.regions.shape == (2, 1 << 11)
+    assert [int(t[0]) for t in red.part_tables] == [red.regions[0].data_ptr(), red.regions[1].data_ptr()]
+    flags = red._keep[1]
+    assert int(red.flag_table[0]) == flags.data_ptr() and int(flags.abs().sum()) == 0
+    assert red.can_fuse(2, 1024, torch.bfloat16) and not red.can_fuse(0, 1024, torch.bfloat16)
+    assert not red.can_fuse(3, 1024, torch.bfloat16) and not red.can_fuse(1, 1024, torch.float32)
+
+    def refuse(t, name):
+        raise RuntimeError("no peer answered")
+
+    monkeypatch.setattr(symm_mem, "rendezvous", refuse)
+    red = TPAllReduce(None, max_bytes=1 << 12)
+    assert red._setup_fused(torch.bfloat16, torch.device("cpu"), None) == "RuntimeError: no peer answered"
+    assert not red.fuses_norm and red.part_tables == [] and red.flag_table is None
