@@ -20,6 +20,7 @@ reason is kept in `fallback_reason`). Both paths can be captured in a CUDA graph
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,6 +36,20 @@ def _all_ranks(ok: bool, cpu_group: Any) -> bool:
     flag = torch.tensor([int(ok)])
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=cpu_group)
     return bool(flag.item())
+
+
+def _agreed_step(step: Callable[[], Any], cpu_group: Any, peer_failed: str) -> str:
+    """Run one set-up step on every rank; '' when it succeeded everywhere, else this rank's error or
+    `peer_failed`. The ranks agree after every step, so one rank's failure never leaves the others waiting in
+    a later collective (a rendezvous) it will not join."""
+    reason = ""
+    try:
+        step()
+    except Exception as e:  # noqa: BLE001 - no symmetric memory here: say why, the caller falls back
+        reason = f"{type(e).__name__}: {e}"
+    if not _all_ranks(not reason, cpu_group):
+        return reason or peer_failed
+    return ""
 
 
 class PendingSum:
@@ -121,18 +136,6 @@ class TPAllReduce:
 
         from specray.kernels.tp_norm import MAX_PROGRAMS
 
-        def stage(step) -> str:
-            """Run one set-up step; '' when it succeeded on every rank (so no rank is left waiting in a later
-            collective rendezvous for one that failed), else why not."""
-            reason = ""
-            try:
-                step()
-            except Exception as e:  # noqa: BLE001 - no fused path here: the one-shot kernel and a norm
-                reason = f"{type(e).__name__}: {e}"
-            if not _all_ranks(not reason, cpu_group):
-                return reason or "another rank could not set up the fused all-reduce"
-            return ""
-
         elems = self.max_bytes // torch.tensor([], dtype=dtype).element_size()
         world = dist.get_world_size(self.group)
         got: dict[str, Any] = {}
@@ -163,8 +166,8 @@ class TPAllReduce:
             got["rank"], got["keep"] = rank, [regions, flags, h_regions, h_flags, views, flag_views]
 
         for step in (allocate, rendezvous_regions, rendezvous_flags, tables):
-            reason = stage(step)
-            if reason:
+            reason = _agreed_step(step, cpu_group, "another rank could not set up the fused all-reduce")
+            if reason:  # no fused path: the one-shot kernel and a norm
                 return reason
         self.part_tables, self.flag_table = got["part_tables"], got["flag_table"]
         self.regions, self.rank, self._keep = got["regions"].view(2, elems), got["rank"], got["keep"]
@@ -193,23 +196,21 @@ class TPAllReduce:
             return f"no symmetric memory in this torch build ({e})"
         group = self.group if self.group is not None else dist.group.WORLD
         name = group.group_name
-        reason = ""
-        try:
+        got: dict[str, torch.Tensor] = {}
+
+        def allocate() -> None:
             if hasattr(symm_mem, "enable_symm_mem_for_group"):
                 symm_mem.enable_symm_mem_for_group(name)
-            buf = symm_mem.empty(self.max_bytes // torch.tensor([], dtype=dtype).element_size(), dtype=dtype,
-                                 device=device)
-        except Exception as e:  # noqa: BLE001 - no symmetric memory here: NCCL it is, and say why
-            reason = f"{type(e).__name__}: {e}"
-        if not _all_ranks(not reason, cpu_group):
-            return reason or "another rank could not allocate symmetric memory"
-        try:
-            symm_mem.rendezvous(buf, name)
-        except Exception as e:  # noqa: BLE001
-            reason = f"{type(e).__name__}: {e}"
-        if not _all_ranks(not reason, cpu_group):
-            return reason or "another rank could not set up symmetric memory"
-        self.buffer, self.group_name = buf, name
+            got["buf"] = symm_mem.empty(self.max_bytes // torch.tensor([], dtype=dtype).element_size(),
+                                        dtype=dtype, device=device)
+
+        # no symmetric memory: NCCL it is, and the reason says why
+        reason = (_agreed_step(allocate, cpu_group, "another rank could not allocate symmetric memory")
+                  or _agreed_step(lambda: symm_mem.rendezvous(got["buf"], name), cpu_group,
+                                  "another rank could not set up symmetric memory"))
+        if reason:
+            return reason
+        self.buffer, self.group_name = got["buf"], name
         self.copy_in = hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out")
         return ""
 
