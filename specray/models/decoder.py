@@ -76,12 +76,20 @@ class Linear(nn.Linear):
 
         return fits(x, self.weight, self.gemv_config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ W^T + b`` [T, out_features], into `out` when given (e.g. a tensor-parallel partial region)."""
         if self.gemv_fits(x):
             from specray.kernels.gemv import gemv
 
-            return gemv(x, self.weight, self.gemv_config, bias=self.bias)
-        return F.linear(x, self.weight, self.bias)
+            return gemv(x, self.weight, self.gemv_config, out=out, bias=self.bias)
+        if out is None:
+            return F.linear(x, self.weight, self.bias)
+        if self.bias is None:
+            return torch.matmul(x, self.weight.t(), out=out)
+        return torch.addmm(self.bias, x, self.weight.t(), out=out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(x)
 
 
 class Attention(nn.Module):

@@ -83,15 +83,9 @@ class RowParallelLinear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor | PendingSum:  # [T, in/tp] -> [T, out]
         r = self.reduce
         if self.site is not None and r.can_fuse(x.shape[0], self.out_features, x.dtype):
-            part = r.partial_region(self.site, x.shape[0], self.out_features)  # [T, out]
-            if self.gemv_fits(x):
-                from specray.kernels.gemv import gemv
-
-                gemv(x, self.weight, self.gemv_config, out=part)
-            else:
-                torch.matmul(x, self.weight.t(), out=part)
+            part = self.project(x, out=r.partial_region(self.site, x.shape[0], self.out_features))  # [T, out]
             return PendingSum(r, self.site, part, self.prefetch_next)
-        return r(super().forward(x))
+        return r(self.project(x))
 
 
 class VocabParallelEmbedding(nn.Module):

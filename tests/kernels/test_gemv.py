@@ -86,6 +86,16 @@ def test_linear_uses_the_gemv_for_one_row_only():
     fp32 = Linear(64, 32).to(DEVICE)
     fp32.use_gemv(True)
     assert not fp32.fused  # 16-bit weights only
+    x = torch.randn(3, 64, generator=g).to(DEVICE)
+    with torch.no_grad():
+        for bias in (True, False):  # `project` into a given tensor (a tensor-parallel region): same product
+            layer = Linear(64, 32, bias=bias).to(DEVICE)
+            out = torch.full((3, 32), float("nan"), device=DEVICE)
+            assert layer.project(x, out=out) is out
+            torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias))
+        lin.use_gemv(True)
+        out = torch.full((1, 32), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+        assert lin.project(one, out=out) is out and torch.equal(out, lin(one))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="real shapes need a GPU")
