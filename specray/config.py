@@ -227,6 +227,9 @@ class EngineConfig:
     # with the fused all-reduce: MB of the next projection's weight read into L2 while it waits (0: off;
     # experimental, not yet measured on a GPU)
     tp_weight_prefetch_mb: int = 0
+    # control-plane waits (step plans, draft exchange) busy-check this long before sleeping; None: 50 ms
+    # on GPUs (longer than a draft or verify phase), 0 on CPU (spinning waiters starve the gloo shards)
+    control_plane_spin_ms: float | None = None
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, ("auto", "float32", "float16", "bfloat16"))
@@ -241,6 +244,10 @@ class EngineConfig:
             raise ConfigError(
                 f"tp_weight_prefetch_mb must be an integer in [0, 1024], got {self.tp_weight_prefetch_mb!r}"
             )
+        spin = self.control_plane_spin_ms
+        if spin is not None and (isinstance(spin, bool) or not isinstance(spin, (int, float))
+                                 or not 0 <= spin <= 10_000):
+            raise ConfigError(f"control_plane_spin_ms must be a number in [0, 10000] or null, got {spin!r}")
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
         _check_choice("attention_backend", self.attention_backend, ("auto", "torch", "triton"))
         object.__setattr__(self, "cuda_graph_batch_sizes", tuple(sorted(set(self.cuda_graph_batch_sizes))))

@@ -100,7 +100,8 @@ class DistributedEngine:
                 setups.append(self._draft.setup_device.remote(use_gpu))
             _gather(setups)
             address, port = ray.get(self._shards[0].free_address.remote())
-            layout = Layout(tp, separate, "nccl" if use_gpu else "gloo")
+            spin = None if cfg.control_plane_spin_ms is None else cfg.control_plane_spin_ms / 1e3
+            layout = Layout(tp, separate, "nccl" if use_gpu else "gloo", spin)
             _gather([m.init_world.remote(r, layout, address, port) for r, m in enumerate(members)])
             infos = _gather([s.build.remote(cfg) for s in self._shards])
             if self._draft is not None:

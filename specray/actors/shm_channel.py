@@ -7,10 +7,12 @@ and only then publishes it by bumping the write sequence, so a reader never sees
 
 All processes of an engine sit on one node (the placement group is `STRICT_PACK`), so this replaces a
 gloo object broadcast (two TCP collectives and pickling into tensors: about 1-2 ms per step) with a
-memory copy and a poll (tens of µs). Waiting ends poll: with `spin` > 0 they first spin that many checks
-(GPU engines: the host is otherwise idle, and each plan is seen within microseconds), then yield, then
-back off to sleeps of 50 µs and 1 ms, so an idle engine costs almost no CPU. CPU (gloo) engines use no
-spin: their shards need every core for compute, and spinning waiters starve them and Ray's own daemons.
+memory copy and a poll (tens of µs). Waiting ends poll: with `spin_s` > 0 they first busy-check for that
+many seconds (GPU engines: the host is otherwise idle, and each message is seen within a microsecond; the
+spin outlasts a draft or verify phase, so neither side sleeps through the other's work and pays a wake-up,
+or a drowsy core, on every step), then yield, then back off to sleeps of 50 µs and 1 ms, so an idle engine
+costs almost no CPU. CPU (gloo) engines use no spin: their shards need every core for compute, and
+spinning waiters starve them and Ray's own daemons.
 
 Ordering relies on the writer's stores becoming visible in program order (x86-64 TSO: the data before
 the sequence number); the sequence words are 8-byte aligned, so each is written and read whole.
@@ -28,31 +30,44 @@ _LINE = 64  # one cache line per sequence word: no false sharing between readers
 _SLOT_HEADER = 16  # u64 chunk length, u64 1 if it is the message's last chunk
 
 
-DEFAULT_SPIN = 20_000  # busy checks before yielding (about 5-10 ms of one core)
+DEFAULT_SPIN_S = 0.05  # GPU worlds: seconds of busy checks before yielding (longer than any one phase)
+_CLOCK_EVERY = 256  # busy checks between clock reads
 
 
-def _backoff(spins: int, spin: int) -> None:
-    """Poll policy: `spin` busy checks, then 1,000 yields, then 50 µs sleeps, then 1 ms sleeps."""
-    if spins < spin:
-        return
-    spins -= spin
-    if spins < 1_000:
-        time.sleep(0)
-    elif spins < 11_000:
-        time.sleep(50e-6)
-    else:
-        time.sleep(1e-3)
+class _Waiter:
+    """Poll policy of one wait: busy checks for `spin_s` seconds, then 1,000 yields, then 50 µs sleeps,
+    then 1 ms sleeps."""
+
+    __slots__ = ("spin_until", "spinning", "slept")
+
+    def __init__(self, spin_s: float):
+        self.spinning = spin_s > 0
+        self.spin_until = time.perf_counter() + spin_s if self.spinning else 0.0
+        self.slept = 0
+
+    def __call__(self, checks: int) -> None:
+        if self.spinning:
+            if checks % _CLOCK_EVERY or time.perf_counter() < self.spin_until:
+                return
+            self.spinning = False
+        self.slept += 1
+        if self.slept < 1_000:
+            time.sleep(0)
+        elif self.slept < 11_000:
+            time.sleep(50e-6)
+        else:
+            time.sleep(1e-3)
 
 
 class ShmChannel:
     """One end of a channel: the writer (`reader=None`) or reader number `reader` of `num_readers`."""
 
     def __init__(self, path: str, num_readers: int, num_slots: int, slot_bytes: int, reader: int | None,
-                 spin: int = DEFAULT_SPIN):
+                 spin_s: float = 0.0):
         if num_readers < 1 or num_slots < 1 or slot_bytes < 1:
             raise ValueError(f"bad channel shape: readers {num_readers}, slots {num_slots}, slot bytes {slot_bytes}")
         self.path, self.num_readers, self.num_slots, self.slot_bytes = path, num_readers, num_slots, slot_bytes
-        self.reader, self.spin = reader, spin
+        self.reader, self.spin_s = reader, spin_s
         self._slot_stride = _SLOT_HEADER + slot_bytes
         self._data_off = -(-(_LINE * (1 + num_readers)) // 4096) * 4096
         size = self._data_off + num_slots * self._slot_stride
@@ -72,13 +87,13 @@ class ShmChannel:
 
     @classmethod
     def create(cls, path: str, num_readers: int, num_slots: int = 8, slot_bytes: int = 1 << 20,
-               spin: int = DEFAULT_SPIN) -> ShmChannel:
-        return cls(path, num_readers, num_slots, slot_bytes, None, spin)
+               spin_s: float = 0.0) -> ShmChannel:
+        return cls(path, num_readers, num_slots, slot_bytes, None, spin_s)
 
     @classmethod
     def attach(cls, path: str, num_readers: int, reader: int, num_slots: int = 8, slot_bytes: int = 1 << 20,
-               spin: int = DEFAULT_SPIN) -> ShmChannel:
-        return cls(path, num_readers, num_slots, slot_bytes, reader, spin)
+               spin_s: float = 0.0) -> ShmChannel:
+        return cls(path, num_readers, num_slots, slot_bytes, reader, spin_s)
 
     def unlink(self) -> None:
         """Remove the name; the mappings stay valid (every end attaches before the creator unlinks)."""
@@ -103,10 +118,11 @@ class ShmChannel:
         words, mm = self._words, self._mm
         for c in range(chunks):
             seq = self._seq
-            spins = 0
+            spins, wait = 0, None
             while seq - min(words[self._read_word(r)] for r in range(self.num_readers)) >= self.num_slots:
                 spins += 1
-                _backoff(spins, self.spin)
+                wait = wait or _Waiter(self.spin_s)
+                wait(spins)
             part = view[c * self.slot_bytes : (c + 1) * self.slot_bytes]
             off = self._data_off + (seq % self.num_slots) * self._slot_stride
             mm[off + _SLOT_HEADER : off + _SLOT_HEADER + len(part)] = part
@@ -125,10 +141,11 @@ class ShmChannel:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             seq = self._seq
-            spins = 0
+            spins, wait = 0, None
             while words[0] <= seq:
                 spins += 1
-                _backoff(spins, self.spin)
+                wait = wait or _Waiter(self.spin_s)
+                wait(spins)
                 if deadline is not None and spins % 1024 == 0 and time.monotonic() > deadline:
                     raise TimeoutError(f"no message on {self.path} within {timeout} s")
             off = self._data_off + (seq % self.num_slots) * self._slot_stride

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from specray.actors.shm_channel import DEFAULT_SPIN, ShmChannel, channel_path
+from specray.actors.shm_channel import DEFAULT_SPIN_S, ShmChannel, channel_path
 
 # idle shards wait on the next plan inside a gloo collective: that wait must not time out; dead peers
 # are detected through Ray, not through collective timeouts
@@ -31,6 +31,13 @@ class Layout:
     tp_size: int
     separate_draft: bool
     backend: str  # "nccl" | "gloo"
+    spin_s: float | None = None  # control-plane busy wait before sleeping; None: DEFAULT_SPIN_S on nccl, 0 on gloo
+
+    @property
+    def control_spin_s(self) -> float:
+        if self.spin_s is not None:
+            return self.spin_s
+        return DEFAULT_SPIN_S if self.backend == "nccl" else 0.0  # CPU worlds: never busy-wait (see shm_channel)
 
     @property
     def world_size(self) -> int:
@@ -108,16 +115,16 @@ def _open_channels(world: World, tag: str, every: Any) -> None:
     if layout.separate_draft:
         specs += [("to_draft", 0, [layout.draft_rank]), ("from_draft", layout.draft_rank, [0])]
     made = []
-    spin = DEFAULT_SPIN if layout.backend == "nccl" else 0  # CPU worlds: never busy-wait (see shm_channel)
+    spin = layout.control_spin_s
     for attr, writer, readers in specs:
         if rank == writer:
-            chan = ShmChannel.create(channel_path(tag, attr), num_readers=len(readers), spin=spin)
+            chan = ShmChannel.create(channel_path(tag, attr), num_readers=len(readers), spin_s=spin)
             setattr(world, attr, chan)
             made.append(chan)
     dist.barrier(group=every)
     for attr, _, readers in specs:
         if rank in readers:
-            chan = ShmChannel.attach(channel_path(tag, attr), len(readers), readers.index(rank), spin=spin)
+            chan = ShmChannel.attach(channel_path(tag, attr), len(readers), readers.index(rank), spin_s=spin)
             setattr(world, attr, chan)
     dist.barrier(group=every)
     for chan in made:

@@ -23,7 +23,7 @@ def _messages(seed: int, n: int) -> list[object]:
 
 
 def _reader(path: str, readers: int, index: int, n: int, slow: bool, spin: int, q) -> None:
-    chan = ShmChannel.attach(path, readers, index, num_slots=4, slot_bytes=4096, spin=spin)
+    chan = ShmChannel.attach(path, readers, index, num_slots=4, slot_bytes=4096, spin_s=spin)
     got = []
     for _ in range(n):
         got.append(chan.read(timeout=60))
@@ -35,11 +35,11 @@ def _reader(path: str, readers: int, index: int, n: int, slow: bool, spin: int, 
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("spin", [0, 1000])  # CPU worlds never busy-wait; GPU worlds spin first
+@pytest.mark.parametrize("spin", [0, 0.01])  # CPU worlds never busy-wait; GPU worlds spin first
 def test_readers_get_every_message_in_order(tmp_path, spin):
     n, readers = 60, 2
     path = channel_path(f"test{os.getpid()}-{spin}", "plan")
-    writer = ShmChannel.create(path, readers, num_slots=4, slot_bytes=4096, spin=spin)
+    writer = ShmChannel.create(path, readers, num_slots=4, slot_bytes=4096, spin_s=spin)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=_reader, args=(path, readers, i, n, i == 1, spin, q)) for i in range(readers)]
@@ -79,3 +79,27 @@ def test_read_timeout_and_wrong_end(tmp_path):
     w.write({"a": list(range(100))})  # 100 ints: several 64-byte slots through a 2-slot ring
     t.join(timeout=30)
     assert got == [{"a": list(range(100))}]
+
+
+def test_waiter_spins_for_its_time_then_backs_off(monkeypatch):
+    """A wait busy-checks (no sleep call at all) until `spin_s` has passed, then yields, then sleeps."""
+    import specray.actors.shm_channel as S
+
+    now = [100.0]
+    sleeps: list[float] = []
+    monkeypatch.setattr(S.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(S.time, "sleep", sleeps.append)
+    wait = S._Waiter(0.05)
+    for checks in range(1, 10 * S._CLOCK_EVERY):
+        now[0] += 1e-6  # 10 µs of polling per 10 checks: far less than 50 ms
+        wait(checks)
+    assert sleeps == []
+    now[0] += 0.05
+    wait(10 * S._CLOCK_EVERY)
+    assert sleeps == [0]  # the spin is over: yield
+    for checks in range(1, 1_000):
+        wait(checks)
+    assert sleeps[-1] == 50e-6  # then short sleeps
+    no_spin = S._Waiter(0.0)
+    no_spin(1)
+    assert sleeps[-1] == 0 and len(sleeps) == 1_001  # CPU worlds: back off from the first check
