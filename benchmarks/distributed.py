@@ -206,6 +206,10 @@ def run_distributed(cfg, prompt, n, ray_address, warm: list[int], profile_steps:
             steps = b["steps"] - a["steps"]
             if steps and "busy_s" in b:  # the actor's own work per step; the rest of the leader's wait is exchange
                 row["draft_actor_busy_ms_per_step"] = 1e3 * (b["busy_s"] - a["busy_s"]) / steps
+            if steps and "proposer" in b:  # where the actor's work goes (same spans as the in-process proposer)
+                row["draft_parts_ms_per_step"] = {k[:-2]: 1e3 * (v - a["proposer"][k]) / steps
+                                                  for k, v in b["proposer"].items()}
+                row["draft_refreshes"] = b["num_refreshes"] - a["num_refreshes"]
         return row
     finally:
         engine.shutdown()
@@ -219,7 +223,8 @@ def run_inprocess(cfg, prompt, n, warm: list[int]) -> dict[str, Any]:
     snap: list = []
 
     def at_first(spec=engine.spec) -> None:
-        snap.append((spec.stats.num_drafts, dict(spec.timings)) if spec else None)
+        snap.append((spec.stats.num_drafts, dict(spec.timings), dict(getattr(spec.proposer, "timings", {})),
+                     getattr(spec.proposer, "num_refreshes", 0)) if spec else None)
 
     row = timed_run(engine, prompt, n, at_first=at_first)
     spec0 = snap[0]
@@ -229,6 +234,10 @@ def run_inprocess(cfg, prompt, n, warm: list[int]) -> dict[str, Any]:
         for k, v in engine.spec.timings.items():
             row[k.replace("_s", "_ms_per_spec_step")] = 1e3 * (v - spec0[1][k]) / drafts
         row["spec_steps"] = engine.spec.stats.num_drafts - spec0[0]
+        parts = getattr(engine.spec.proposer, "timings", {})
+        if parts:  # the draft's own spans, as the draft actor reports them
+            row["draft_parts_ms_per_step"] = {k[:-2]: 1e3 * (v - spec0[2][k]) / drafts for k, v in parts.items()}
+            row["draft_refreshes"] = engine.spec.proposer.num_refreshes - spec0[3]
     del engine
     gc.collect()  # the engine and its speculative decoder reference each other
     torch.cuda.empty_cache()

@@ -248,4 +248,5 @@ class DraftHost(_Member):
 
     def stats(self) -> dict[str, Any]:
         w = self.worker
-        return {**w.stats, "num_refreshes": w.proposer.num_refreshes, "kv_bytes": w.proposer.kv_bytes()}
+        return {**w.stats, "num_refreshes": w.proposer.num_refreshes, "kv_bytes": w.proposer.kv_bytes(),
+                "proposer": dict(w.proposer.timings)}

@@ -18,6 +18,7 @@ pre-RoPE keys, which keeps a full-length draft cache.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -117,6 +118,8 @@ class DraftModelProposer:
         self.states: dict[str, _DraftState] = {}
         self.num_refreshes = 0  # working-set rebuilds from target chunk scores
         self.peak_kv_bytes = 0
+        # host seconds per part (each ends with the host waiting for its GPU work, or not: see the spans)
+        self.timings = {"rebuild_s": 0.0, "encode_s": 0.0, "chains_s": 0.0, "commit_s": 0.0}
 
     # ---- memory ----------------------------------------------------------------------------------
     def kv_bytes(self) -> int:
@@ -146,6 +149,7 @@ class DraftModelProposer:
         return positions + list(range(max(last, 0) * r.chunk_size, n_ctx))
 
     def _rebuild(self, seq: Sequence, st: _DraftState, target: list[int]) -> None:
+        t0 = time.perf_counter()
         n_ctx = len(target) - 1  # committed context; the last token is the root
         if st.chunk_scores is None:
             positions = self._recent_selection(n_ctx)
@@ -158,6 +162,7 @@ class DraftModelProposer:
         st.covered = n_ctx
         st.steps_since_refresh = 0
         st.chunk_scores = None
+        self.timings["rebuild_s"] += time.perf_counter() - t0
 
     def _catch_up(self, st: _DraftState, target: list[int]) -> None:
         """Append the target's new committed tokens to the draft context (encoded later, batched)."""
@@ -240,9 +245,14 @@ class DraftModelProposer:
             self._catch_up(st, target)
             st.expanded = {}
             states.append(st)
+        t0 = time.perf_counter()
         self._encode(states)
+        t1 = time.perf_counter()
+        self.timings["encode_s"] += t1 - t0
         if self.cfg.tree.kind == "chain":
-            return self._chains(seqs, states)
+            trees = self._chains(seqs, states)
+            self.timings["chains_s"] += time.perf_counter() - t1
+            return trees
         trees = []
         for seq, st in zip(seqs, states, strict=True):
             w = len(st.ctx)
@@ -262,6 +272,7 @@ class DraftModelProposer:
         self, seqs: list[Sequence], trees: list[DraftTree], results: list[AcceptResult],
         target_q: list[torch.Tensor] | None = None,
     ) -> None:
+        t0 = time.perf_counter()
         for i, (seq, tree, res) in enumerate(zip(seqs, trees, results, strict=True)):
             st = self.states[seq.request_id]
             w = len(st.ctx)
@@ -279,6 +290,7 @@ class DraftModelProposer:
             st.steps_since_refresh += 1
             if self.retrieval is not None and st.steps_since_refresh >= self.retrieval.refresh_every:
                 st.chunk_scores = self._chunk_scores(seq, target_q[i])
+        self.timings["commit_s"] += time.perf_counter() - t0
 
     def _chunk_scores(self, seq: Sequence, q: torch.Tensor) -> torch.Tensor:
         """Chunk means of the target's last-layer attention of the last accepted token (head average)."""
