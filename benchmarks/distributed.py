@@ -261,7 +261,9 @@ def main() -> None:
     ap.add_argument("--latency-context", type=int, default=32768)
     ap.add_argument("--pair-context", type=int, default=16384)
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--latency-variants", nargs="*", default=["tp2_prefetch", "tp2_unfused", "tp2_nccl"],
+    ap.add_argument("--overhead-rounds", type=int, default=3,
+                    help="overhead: rounds over all arms (fresh engines each); each arm reports its median round")
+    ap.add_argument("--latency-variants", nargs="*", default=["tp2_pull", "tp2_unfused", "tp2_nccl"],
                     help="latency variants besides tp1 and tp2")
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="latency: also profile this many leader decode steps (after the timed window starts; "
@@ -303,11 +305,12 @@ def main() -> None:
                 "tokens_equal_prefix": same, "tp1_ar": tp1, "tp2_separate_draft": tp2})
     if "latency" in args.sections:
         prompt = torch.randint(0, 128000, (args.latency_context,), generator=g).tolist()
-        # tp2: symmetric memory, O/down partials summed inside the next RMSNorm kernel (the default);
+        # tp2: symmetric memory, O/down partials pushed into every rank's memory and summed inside the next
+        # RMSNorm kernel (the default); tp2_pull: the same sum after a flag barrier, reading the peers over NVLink;
         # tp2_prefetch: also 24 MB of the next weight read into L2 meanwhile; tp2_unfused: the one-shot
         # symmetric-memory all-reduce, then the norm; tp2_nccl: NCCL only
         variants = {"tp1": (1, {}), "tp2": (2, {}), "tp2_unfused": (2, {"fuse_allreduce_rmsnorm": False}),
-                    "tp2_prefetch": (2, {"tp_weight_prefetch_mb": 24}),
+                    "tp2_prefetch": (2, {"tp_weight_prefetch_mb": 24}), "tp2_pull": (2, {"tp_fused_sum": "pull"}),
                     "tp2_nccl": (2, {"disable_custom_all_reduce": True})}
         variants = {k: v for k, v in variants.items() if k in ("tp1", "tp2", *args.latency_variants)}
         rows = {name: run_distributed(engine_config(target, max_len, tp, **kw), prompt,
@@ -327,30 +330,40 @@ def main() -> None:
         prompt = torch.randint(0, 128000, (args.equality_context,), generator=g).tolist()
         colocated = engine_config(target, max_len, 1, draft_spec(draft, "colocated"))
         separate = engine_config(target, max_len, 1, draft_spec(draft, "separate"))
-        rows = {"inprocess_colocated": run_inprocess(colocated, prompt, args.tokens, warm),
-                "distributed_colocated": run_distributed(colocated, prompt, args.tokens, args.ray_address, warm),
-                "distributed_separate": run_distributed(separate, prompt, args.tokens, args.ray_address, warm),
-                # the control plane's waits spin only 2 ms (shorter than a phase), then sleep: the old default
-                "distributed_separate_short_spin": run_distributed(
-                    dataclasses.replace(separate, control_plane_spin_ms=2.0), prompt, args.tokens,
-                    args.ray_address, warm)}
-        for sep in (rows["distributed_separate"], rows["distributed_separate_short_spin"]):
-            if "draft_actor_busy_ms_per_step" in sep:  # leader's wait for the draft = actor work + exchange
-                sep["draft_exchange_ms_per_spec_step"] = (sep["draft_wait_ms_per_spec_step"]
-                                                          - sep["draft_actor_busy_ms_per_step"])
-        for row in rows.values():  # end to end, driver's wall clock: decode time / speculative steps
-            decode_ms = row["decode_ms_per_token"] * (len(row["tokens"]) - 1)
-            row["wall_ms_per_spec_step"] = decode_ms / max(row.get("spec_steps", 0), 1)
-        base = rows["inprocess_colocated"]["inprocess_ms_per_step"]
+        arms = {  # a fresh engine per arm and round; the rounds interleave the arms, so drift hits all alike
+            "inprocess_colocated": lambda: run_inprocess(colocated, prompt, args.tokens, warm),
+            "distributed_colocated": lambda: run_distributed(colocated, prompt, args.tokens, args.ray_address, warm),
+            "distributed_separate": lambda: run_distributed(separate, prompt, args.tokens, args.ray_address, warm),
+            # the control plane's waits spin only 2 ms (shorter than a phase), then sleep: the old default
+            "distributed_separate_short_spin": lambda: run_distributed(
+                dataclasses.replace(separate, control_plane_spin_ms=2.0), prompt, args.tokens, args.ray_address,
+                warm),
+        }
+        runs: dict[str, list[dict]] = {k: [] for k in arms}
+        for _ in range(args.overhead_rounds):
+            for name, arm in arms.items():
+                row = arm()
+                if "draft_actor_busy_ms_per_step" in row:  # leader's wait for the draft = actor work + exchange
+                    row["draft_exchange_ms_per_spec_step"] = (row["draft_wait_ms_per_spec_step"]
+                                                              - row["draft_actor_busy_ms_per_step"])
+                # end to end, driver's wall clock: decode time / speculative steps
+                row["wall_ms_per_spec_step"] = (row["decode_ms_per_token"] * (len(row["tokens"]) - 1)
+                                                / max(row.get("spec_steps", 0), 1))
+                row["step_ms"] = row.get("leader_ms_per_step", row.get("inprocess_ms_per_step"))
+                runs[name].append(row)
+        rows = {}
+        for name, rs in runs.items():  # each arm: its median round (by step time), plus every round's times
+            med = sorted(rs, key=lambda r: r["step_ms"])[len(rs) // 2]
+            rows[name] = {**med, "rounds_step_ms": [r["step_ms"] for r in rs],
+                          "rounds_wall_ms_per_spec_step": [r["wall_ms_per_spec_step"] for r in rs]}
+        base = rows["inprocess_colocated"]["step_ms"]
         wall = rows["inprocess_colocated"]["wall_ms_per_spec_step"]
         dump("overhead", {
-            "context": args.equality_context,
-            "control_plane_ms_per_spec_step_colocated": rows["distributed_colocated"]["leader_ms_per_step"] - base,
-            "control_plane_ms_per_spec_step_separate": rows["distributed_separate"]["leader_ms_per_step"] - base,
-            "wall_overhead_ms_per_spec_step_colocated": rows["distributed_colocated"]["wall_ms_per_spec_step"] - wall,
-            "wall_overhead_ms_per_spec_step_separate": rows["distributed_separate"]["wall_ms_per_spec_step"] - wall,
-            "control_plane_ms_per_spec_step_separate_short_spin":
-                rows["distributed_separate_short_spin"]["leader_ms_per_step"] - base,
+            "context": args.equality_context, "rounds": args.overhead_rounds,
+            **{f"control_plane_ms_per_spec_step_{k.removeprefix('distributed_')}": rows[k]["step_ms"] - base
+               for k in rows if k != "inprocess_colocated"},
+            **{f"wall_overhead_ms_per_spec_step_{k.removeprefix('distributed_')}":
+                   rows[k]["wall_ms_per_spec_step"] - wall for k in rows if k != "inprocess_colocated"},
             **{k: {kk: vv for kk, vv in v.items() if kk != "tokens"} for k, v in rows.items()}})
     if "pair" in args.sections:
         if not (args.target and args.draft):

@@ -224,6 +224,9 @@ class EngineConfig:
     disable_custom_all_reduce: bool = False
     # with symmetric memory and fused_ops: O/down partials are summed by the RMSNorm kernel that follows
     fuse_allreduce_rmsnorm: bool = True
+    # how the fused sum gets the partials: "push" (each rank writes its partial into every rank's memory; the
+    # norm waits on local memory) or "pull" (a flag barrier, then NVLink reads); see specray.kernels.tp_norm
+    tp_fused_sum: str = "push"
     # with the fused all-reduce: MB of the next projection's weight read into L2 while it waits (0: off;
     # experimental, not yet measured on a GPU)
     tp_weight_prefetch_mb: int = 0
@@ -248,6 +251,7 @@ class EngineConfig:
         if spin is not None and (isinstance(spin, bool) or not isinstance(spin, (int, float))
                                  or not 0 <= spin <= 10_000):
             raise ConfigError(f"control_plane_spin_ms must be a number in [0, 10000] or null, got {spin!r}")
+        _check_choice("tp_fused_sum", self.tp_fused_sum, ("push", "pull"))
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
         _check_choice("attention_backend", self.attention_backend, ("auto", "torch", "triton"))
         object.__setattr__(self, "cuda_graph_batch_sizes", tuple(sorted(set(self.cuda_graph_batch_sizes))))

@@ -179,7 +179,7 @@ class ShardEngine(LLMEngine):
         reduce = TPAllReduce(self.world.tp_group, dtype=self.dtype, device=self.device,
                              symmetric_memory=not self.config.disable_custom_all_reduce,
                              fuse_norm=self.config.fused_ops and self.config.fuse_allreduce_rmsnorm,
-                             cpu_group=self.world.tp_cpu_group)
+                             push=self.config.tp_fused_sum == "push", cpu_group=self.world.tp_cpu_group)
         ctx = TPContext(rank=self.world.rank, size=tp, group=self.world.tp_group, all_reduce=reduce)
         model = TPDecoderLM.empty_shard(self.arch, ctx, self.max_model_len + 1, self.dtype, self.device)
         model.load_shard(ckpt.weights)

@@ -9,6 +9,9 @@ once. No split-K, no atomics: the result is deterministic and needs no second ke
 picks split-K plus a reduce kernel for the narrow shapes of a tensor-parallel shard). Every weight byte is
 read once, so the kernel is bound by memory bandwidth; `benchmarks/gemv.py` compares it with cuBLAS.
 
+With `push` (tensor parallelism, `specray.kernels.tp_norm`'s push protocol) the epilogue stores the result,
+-0.0 written as +0.0, to every address of a table instead of `out`: this rank's slot in every rank's region.
+
 Layouts: x [1, K] (unit last stride), weight [N, K] contiguous, out [1, N] contiguous.
 Shapes need N % BLOCK_N == 0 and K % BLOCK_K == 0 (the caller checks `fits`). 16-bit dtypes.
 """
@@ -18,6 +21,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from specray.kernels.tp_norm import positive_zero
 
 __all__ = ["GemvConfig", "choose_config", "fits", "gemv", "gemv_ref"]
 
@@ -74,11 +79,14 @@ def _gemv_kernel(
     x_ptr,  # [K]
     w_ptr,  # [N, K]
     b_ptr,  # [N] (read only with HAS_BIAS)
-    y_ptr,  # [N]
+    y_ptr,  # [N] (not written with PUSH)
+    push_ptr,  # [W] int64 addresses of [N] outputs (read only with PUSH)
     K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    PUSH: tl.constexpr,
+    W: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
@@ -92,21 +100,35 @@ def _gemv_kernel(
     y = tl.sum(acc, axis=1)  # [BLOCK_N]
     if HAS_BIAS:
         y += tl.load(b_ptr + rows).to(tl.float32)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty))
+    dtype = y_ptr.dtype.element_ty
+    if PUSH:
+        yc = positive_zero(y.to(dtype))
+        for r in tl.static_range(W):
+            dst = tl.load(push_ptr + r).to(tl.pointer_type(dtype))
+            tl.store(dst + rows, yc)
+    else:
+        tl.store(y_ptr + rows, y.to(dtype))
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, cfg: GemvConfig | None = None,
-         out: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T (+ bias)`` for x [1, K]; out [1, N] (a new tensor unless given)."""
+         out: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+         push: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T (+ bias)`` for x [1, K]; out [1, N] (a new tensor unless given). With `push` ([W] int64
+    addresses) the result goes to those W places instead, and `out` (required: one of them, this rank's own
+    slot) is returned."""
     cfg = DEFAULT if cfg is None else cfg
     if not fits(x, weight, cfg):
         raise ValueError(f"gemv does not take x {tuple(x.shape)} {x.dtype} with weight {tuple(weight.shape)} "
                          f"{weight.dtype} and blocks {cfg[:2]}")
     m, n = x.shape[0], weight.shape[0]
     if out is None:
+        if push is not None:
+            raise ValueError("gemv with push needs `out`: this rank's own slot")
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_n, block_k, warps, stages = cfg
-    _gemv_kernel[(n // block_n,)](x, weight, bias if bias is not None else weight, out, K=weight.shape[1],
+    _gemv_kernel[(n // block_n,)](x, weight, bias if bias is not None else weight, out,
+                                  push if push is not None else weight, K=weight.shape[1],
                                   BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
+                                  PUSH=push is not None, W=push.numel() if push is not None else 1,
                                   num_warps=warps, num_stages=stages)
     return out

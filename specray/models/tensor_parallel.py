@@ -83,7 +83,14 @@ class RowParallelLinear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor | PendingSum:  # [T, in/tp] -> [T, out]
         r = self.reduce
         if self.site is not None and r.can_fuse(x.shape[0], self.out_features, x.dtype):
-            part = self.project(x, out=r.partial_region(self.site, x.shape[0], self.out_features))  # [T, out]
+            region = r.partial_region(self.site, x.shape[0], self.out_features)  # [T, out], this rank's own slot
+            if r.push and self.gemv_fits(x):  # one row: the GEMV's epilogue writes every rank's slot
+                from specray.kernels.gemv import gemv
+
+                part = gemv(x, self.weight, self.gemv_config, out=region, push=r.push_tables[self.site])
+            else:
+                part = self.project(x, out=region)
+                r.publish(self.site, part)
             return PendingSum(r, self.site, part, self.prefetch_next)
         return r(self.project(x))
 

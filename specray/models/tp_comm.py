@@ -11,7 +11,10 @@ NCCL (`benchmarks/allreduce.py`). A row-parallel layer issues two of these per t
 With `fuse_norm`, symmetric memory also holds two partial regions and a flag array for
 `specray.kernels.tp_norm`: a row-parallel layer writes its partial output into a region and the RMSNorm that
 follows sums the ranks' partials, adds the residual and normalises in one kernel (`PendingSum`), instead of
-an all-reduce kernel and a norm kernel.
+an all-reduce kernel and a norm kernel. With `push` (the default) each region has one slot per rank and a
+rank writes its partial into its slot of every rank's region (the GEMV's epilogue, or `push_rows`); the norm
+kernel then waits on its own memory. Without it (pull) the norm kernel reads the peers' regions after a flag
+barrier. The tp_norm module docstring describes both.
 
 Everything else uses `torch.distributed.all_reduce`: larger tensors, dtypes the kernel does not take
 (it takes bf16 and fp32), CPU worlds (gloo), and hosts where symmetric memory cannot be set up (the
@@ -59,6 +62,7 @@ class PendingSum:
     peers (see `specray.kernels.l2_prefetch`)."""
 
     def __init__(self, reduce: TPAllReduce, site: int, partial: torch.Tensor, prefetch: torch.Tensor | None = None):
+        # partial: this rank's own slot of region `site`; with push, already written to every rank's region
         self.reduce, self.site, self.partial, self.prefetch = reduce, site, partial, prefetch
 
     def reduce_norm(self, residual: torch.Tensor | None, weight: torch.Tensor,
@@ -73,7 +77,7 @@ class PendingSum:
             partial_ready = torch.cuda.Event()
             partial_ready.record(main)
         out = all_reduce_add_rms_norm(r.part_tables[self.site], r.flag_table, r.rank, self.partial.shape[0],
-                                      residual, weight, eps)
+                                      residual, weight, eps, push=r.push)
         if side is not None:  # fork after the norm kernel is queued (it gets the SMs first); join before the
             from specray.kernels.l2_prefetch import l2_prefetch  # next projection
 
@@ -87,17 +91,21 @@ class PendingSum:
 class TPAllReduce:
     def __init__(self, group: Any = None, *, dtype: torch.dtype | None = None, device: torch.device | None = None,
                  symmetric_memory: bool = False, max_bytes: int = 1 << 21, cpu_group: Any = None,
-                 fuse_norm: bool = False):
+                 fuse_norm: bool = False, push: bool = True):
         self.group = group
         self.max_bytes = max_bytes
         self.buffer: torch.Tensor | None = None  # [max_bytes // itemsize] symmetric, dtype `dtype`
         self.group_name = ""
         self.copy_in = False  # the op copies the local partial into the buffer itself
         self.fallback_reason = "symmetric memory not requested"
-        # fused all-reduce + RMSNorm (`fuse_norm`): two regions of max_bytes for this rank's partials, and
-        # per region an int64 [W] table of every rank's region address; an int64 [W] table of flag arrays
-        self.regions: torch.Tensor | None = None  # [2, max_bytes // itemsize] symmetric
+        # fused all-reduce + RMSNorm (`fuse_norm`): two regions of S slots of max_bytes (S = W with push, else 1);
+        # per region an int64 [W] table of where the norm reads rank r's partial (push: this rank's slot r;
+        # pull: rank r's slot 0) and, with push, one of where this rank writes its partial (slot [rank] of
+        # every rank's region); an int64 [W] table of flag arrays (pull's barrier)
+        self.push = push
+        self.regions: torch.Tensor | None = None  # [2, S, max_bytes // itemsize] symmetric
         self.part_tables: list[torch.Tensor] = []
+        self.push_tables: list[torch.Tensor] = []
         self.flag_table: torch.Tensor | None = None
         self.rank = 0
         self.fuse_reason = "fused all-reduce + RMSNorm not requested"
@@ -122,29 +130,42 @@ class TPAllReduce:
 
         regions = self.regions
         return (regions is not None and dtype == regions.dtype and hidden <= MAX_HIDDEN
-                and 1 <= rows and rows * hidden <= regions.shape[1])
+                and 1 <= rows and rows * hidden <= regions.shape[2])
 
     def partial_region(self, site: int, rows: int, hidden: int) -> torch.Tensor:
-        """This rank's region `site` (0 or 1) as a [rows, hidden] tensor for a layer's partial output."""
-        if self.regions is None or rows * hidden > self.regions.shape[1]:
+        """This rank's own slot of region `site` (0 or 1) as a [rows, hidden] tensor for a layer's partial
+        output (push: the producer must also write it to the peers, `push_tables[site]`)."""
+        if self.regions is None or rows * hidden > self.regions.shape[2]:
             raise ValueError(f"a [{rows}, {hidden}] partial does not fit the fused all-reduce regions")
-        return self.regions[site, : rows * hidden].view(rows, hidden)
+        return self.regions[site, self.rank if self.push else 0, : rows * hidden].view(rows, hidden)
+
+    def publish(self, site: int, part: torch.Tensor) -> None:
+        """Make this rank's partial `part` (its own slot of region `site`, already written) visible to the norm:
+        with push, copy it into its slot of every peer's region (`push_rows`); with pull there is nothing to do."""
+        if self.push:
+            from specray.kernels.tp_norm import push_rows
+
+            push_rows(part, self.push_tables[site])
 
     def _setup_fused(self, dtype: torch.dtype, device: torch.device, cpu_group: Any) -> str:
-        """Allocate and rendezvous the regions and the zeroed flags; '' on success (on every rank)."""
+        """Allocate and rendezvous the regions (push: every slot empty) and the zeroed flags; '' on success
+        (on every rank)."""
         import torch.distributed._symmetric_memory as symm_mem
 
-        from specray.kernels.tp_norm import MAX_PROGRAMS
+        from specray.kernels.tp_norm import MAX_PROGRAMS, empty_bits
 
         elems = self.max_bytes // torch.tensor([], dtype=dtype).element_size()
         world = dist.get_world_size(self.group)
+        slots = world if self.push else 1
         got: dict[str, Any] = {}
 
         def allocate() -> None:
-            got["regions"] = symm_mem.empty(2 * elems, dtype=dtype, device=device)
+            got["regions"] = symm_mem.empty(2 * slots * elems, dtype=dtype, device=device)
+            int_dtype, empty = empty_bits(dtype)
+            got["regions"].view(int_dtype).fill_(empty)  # push: -0.0 marks an empty slot
             got["flags"] = symm_mem.empty(MAX_PROGRAMS * world, dtype=torch.int32, device=device)
             got["flags"].zero_()
-            torch.cuda.synchronize(device)  # zero before any rendezvous, so before any peer can signal
+            torch.cuda.synchronize(device)  # set before any rendezvous, so before any peer can write or signal
 
         def rendezvous_regions() -> None:
             got["h_regions"] = symm_mem.rendezvous(got["regions"], self.group_name)
@@ -155,22 +176,33 @@ class TPAllReduce:
         def tables() -> None:
             regions, flags, h_regions, h_flags = got["regions"], got["flags"], got["h_regions"], got["h_flags"]
             rank = h_regions.rank
-            views = [h_regions.get_buffer(r, (2 * elems,), dtype) for r in range(world)]
+            views = [h_regions.get_buffer(r, (2 * slots * elems,), dtype) for r in range(world)]
             flag_views = [h_flags.get_buffer(r, (MAX_PROGRAMS * world,), torch.int32) for r in range(world)]
             if views[rank].data_ptr() != regions.data_ptr() or flag_views[rank].data_ptr() != flags.data_ptr():
                 raise RuntimeError("symmetric buffer views do not start at the allocations")
             item = regions.element_size()
-            got["part_tables"] = [torch.tensor([v.data_ptr() + s * elems * item for v in views], dtype=torch.int64,
-                                               device=device) for s in range(2)]
-            got["flag_table"] = torch.tensor([v.data_ptr() for v in flag_views], dtype=torch.int64, device=device)
+
+            def slot(r: int, site: int, k: int) -> int:  # address of rank r's region `site`, slot k
+                return views[r].data_ptr() + ((site * slots + k) * elems) * item
+
+            def table(addresses: list[int]) -> torch.Tensor:
+                return torch.tensor(addresses, dtype=torch.int64, device=device)
+
+            if self.push:
+                got["part_tables"] = [table([slot(rank, s, r) for r in range(world)]) for s in range(2)]
+                got["push_tables"] = [table([slot(r, s, rank) for r in range(world)]) for s in range(2)]
+            else:
+                got["part_tables"] = [table([slot(r, s, 0) for r in range(world)]) for s in range(2)]
+                got["push_tables"] = []
+            got["flag_table"] = table([v.data_ptr() for v in flag_views])
             got["rank"], got["keep"] = rank, [regions, flags, h_regions, h_flags, views, flag_views]
 
         for step in (allocate, rendezvous_regions, rendezvous_flags, tables):
             reason = _agreed_step(step, cpu_group, "another rank could not set up the fused all-reduce")
             if reason:  # no fused path: the one-shot kernel and a norm
                 return reason
-        self.part_tables, self.flag_table = got["part_tables"], got["flag_table"]
-        self.regions, self.rank, self._keep = got["regions"].view(2, elems), got["rank"], got["keep"]
+        self.part_tables, self.push_tables, self.flag_table = got["part_tables"], got["push_tables"], got["flag_table"]
+        self.regions, self.rank, self._keep = got["regions"].view(2, slots, elems), got["rank"], got["keep"]
         self.side_stream = torch.cuda.Stream(device)
         self.sink = torch.zeros(1, dtype=torch.int32, device=device)
         return ""

@@ -76,7 +76,8 @@ def _reduce_worker(rank: int, port: int, q) -> None:
                 dist.all_reduce(ref)
                 ref = ref * 0.5
             results.append(("graph", str(dtype), torch.equal(out_g, ref)))
-            results += _fused_norm_checks(rank, dtype, dev)
+            for push in (True, False):
+                results += _fused_norm_checks(rank, dtype, dev, push)
         q.put((rank, results))
         dist.barrier()
     except Exception:  # the parent reports it at once instead of waiting for a result that never comes
@@ -88,18 +89,22 @@ def _reduce_worker(rank: int, port: int, q) -> None:
         dist.destroy_process_group()
 
 
-def _fused_norm_checks(rank: int, dtype: torch.dtype, dev: torch.device) -> list[tuple]:
-    """The fused all-reduce + add + RMSNorm against NCCL followed by the unfused `add_rms_norm` kernel:
-    eagerly for several row counts and both regions, then 16 dependent calls (alternating regions, no other
-    kernel between them) captured in one graph and replayed 50 times."""
+def _fused_norm_checks(rank: int, dtype: torch.dtype, dev: torch.device, push: bool) -> list[tuple]:
+    """The fused all-reduce + add + RMSNorm (push or pull protocol) against NCCL followed by the unfused
+    `add_rms_norm` kernel: eagerly for several row counts and both regions, then 16 dependent calls (alternating
+    regions, no other kernel between them) captured in one graph and replayed 50 times; in bf16 also one-row
+    partials written by the GEMV's push epilogue."""
     import torch.distributed as dist
 
     from specray.kernels import fused
+    from specray.kernels.gemv import choose_config, gemv
     from specray.models.tp_comm import PendingSum, TPAllReduce
     from tests.support.fused_chain import replay_in_graph, within_a_norm_rounding
 
-    red = TPAllReduce(None, dtype=dtype, device=dev, symmetric_memory=True, max_bytes=1 << 20, fuse_norm=True)
-    out_rows: list[tuple] = [("fuses", str(dtype), red.fuses_norm, red.fuse_reason)]
+    red = TPAllReduce(None, dtype=dtype, device=dev, symmetric_memory=True, max_bytes=1 << 20, fuse_norm=True,
+                      push=push)
+    mode = f"{dtype} {'push' if push else 'pull'}"
+    out_rows: list[tuple] = [("fuses", mode, red.fuses_norm, red.fuse_reason)]
     H, eps = 4096, 1e-5
     common = torch.Generator(device=dev).manual_seed(7)  # the same on both ranks
     own = torch.Generator(device=dev).manual_seed(200 + rank)
@@ -118,11 +123,26 @@ def _fused_norm_checks(rank: int, dtype: torch.dtype, dev: torch.device) -> list
             ref_out, ref_res = unfused(partial, resid.clone())
             part = red.partial_region(site, rows, H)
             part.copy_(partial)
+            red.publish(site, part)
             out, res = PendingSum(red, site, part).reduce_norm(resid.clone(), w, eps)
             both = [torch.empty_like(out) for _ in range(2)]
             dist.all_gather(both, out)
-            out_rows.append(("fused", str(dtype), rows, site, torch.equal(res, ref_res),
+            out_rows.append(("fused", mode, rows, site, torch.equal(res, ref_res),
                              within_a_norm_rounding(out, ref_out), torch.equal(*both)))
+    if dtype == torch.bfloat16 and push:  # the O / down GEMV at TP=2 shapes, pushing from its epilogue
+        for k in (2048, 7168):
+            weight = (torch.randn(H, k, device=dev, generator=own) * k**-0.5).to(dtype)
+            cfg = choose_config(H, k)
+            for site in (0, 1, 0):
+                x = torch.randn(1, k, device=dev, generator=own).to(dtype)
+                resid = torch.randn(1, H, device=dev, generator=common).to(dtype)
+                ref_out, ref_res = unfused(gemv(x, weight, cfg), resid.clone())
+                part = gemv(x, weight, cfg, out=red.partial_region(site, 1, H), push=red.push_tables[site])
+                out, res = PendingSum(red, site, part).reduce_norm(resid.clone(), w, eps)
+                both = [torch.empty_like(out) for _ in range(2)]
+                dist.all_gather(both, out)
+                out_rows.append(("fused", f"{mode} gemv K={k}", 1, site, torch.equal(res, ref_res),
+                                 within_a_norm_rounding(out, ref_out), torch.equal(*both)))
 
     rows, scale = 5, 0.5 + rank  # each rank scales its partial differently
 
@@ -133,6 +153,7 @@ def _fused_norm_checks(rank: int, dtype: torch.dtype, dev: torch.device) -> list
             else:
                 part = red.partial_region(i % 2, rows, H)
                 torch.mul(h, scale, out=part)
+                red.publish(i % 2, part)
                 h, resid = PendingSum(red, i % 2, part).reduce_norm(resid, w, eps)
         return h
 
@@ -140,7 +161,7 @@ def _fused_norm_checks(rank: int, dtype: torch.dtype, dev: torch.device) -> list
     r0 = torch.randn(rows, H, device=dev, generator=common).to(dtype)
     out_g = replay_in_graph(lambda h, r: chain(h, r, False), h0, r0, replays=50)
     ref = chain(h0.clone(), r0.clone(), True)
-    out_rows.append(("fused_graph", str(dtype), within_a_norm_rounding(out_g, ref)))
+    out_rows.append(("fused_graph", mode, within_a_norm_rounding(out_g, ref)))
     return out_rows
 
 

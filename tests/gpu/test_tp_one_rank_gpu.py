@@ -46,6 +46,7 @@ def test_one_rank_fused_sums_with_the_prefetch_eager_and_in_a_graph():
                 else:
                     part = red.partial_region(i % 2, rows, H)
                     torch.mul(h, 0.5, out=part)
+                    red.publish(i % 2, part)
                     h, resid = PendingSum(red, i % 2, part, nxt).reduce_norm(resid, w, eps)
             return h
 

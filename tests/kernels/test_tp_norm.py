@@ -154,3 +154,129 @@ def test_bad_input_is_refused_before_any_launch():
         w = torch.ones(MAX_HIDDEN + 1)
         all_reduce_add_rms_norm(ranks.part_table, ranks.flag_table, 0, 1, None, w, EPS)
     assert all(int(f.abs().sum()) == 0 for f in ranks.flags)
+
+
+# ---- push protocol ---------------------------------------------------------------------------------------
+class PushRanks:
+    """W simulated ranks with push regions [2 sites, W slots, rows * H] in shared memory, all slots empty (-0.0
+    bits). `parts[c][r]` is rank r's partial [rows, H] of call c; call c uses site c % 2, as O and down do."""
+
+    def __init__(self, world: int, rows: int, hidden: int, dtype: torch.dtype, calls: int, seed: int = 0):
+        from specray.kernels.tp_norm import empty_bits
+
+        gen = torch.Generator().manual_seed(seed)
+        self.parts = [[torch.randn(rows, hidden, generator=gen).to(dtype) for _ in range(world)] for _ in range(calls)]
+        int_dtype, empty = empty_bits(dtype)
+        self.regions = [torch.full((2, world, rows * hidden), empty, dtype=int_dtype).view(dtype).share_memory_()
+                        for _ in range(world)]
+        self.flags = torch.zeros(world, dtype=torch.int64)  # not read by the push kernel
+        # rank r reads its own slots; rank r writes slot r of every rank's region
+        self.part_tables = [[torch.tensor([self.regions[r][s, k].data_ptr() for k in range(world)]) for s in range(2)]
+                            for r in range(world)]
+        self.push_tables = [[torch.tensor([self.regions[j][s, r].data_ptr() for j in range(world)]) for s in range(2)]
+                            for r in range(world)]
+        self.weight = (1 + 0.5 * torch.randn(hidden, generator=gen)).to(dtype)
+        self.residual = torch.randn(rows, hidden, generator=gen).to(dtype)
+        self.outs = torch.zeros(calls, world, rows, hidden, dtype=dtype).share_memory_()
+        self.res_outs = torch.zeros(calls, world, rows, hidden, dtype=dtype).share_memory_()
+        self.world, self.rows, self.hidden, self.calls, self.int_dtype = world, rows, hidden, calls, int_dtype
+
+    def _rank_main(self, rank: int, produce, before) -> None:
+        from specray.kernels.tp_norm import push_rows
+
+        for c in range(self.calls):
+            site = c % 2
+            if before is not None:
+                before(rank, c)
+            own = self.regions[rank][site, rank].view(self.rows, self.hidden)
+            if produce is None:
+                own.copy_(self.parts[c][rank])  # as cuBLAS would, then the push kernel
+                push_rows(own, self.push_tables[rank][site])
+            else:
+                produce(rank, c, own, self.push_tables[rank][site])
+            res = self.residual.clone()
+            out, new_res = all_reduce_add_rms_norm(self.part_tables[rank][site], self.flags, rank, self.rows, res,
+                                                   self.weight, EPS, push=True)
+            self.outs[c, rank].copy_(out)
+            self.res_outs[c, rank].copy_(new_res)
+
+    def run(self, produce=None, before=None, timeout: float = 180.0) -> None:
+        ctx = mp.get_context("fork")
+        procs = [ctx.Process(target=self._rank_main, args=(r, produce, before)) for r in range(self.world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout)
+        alive = [p for p in procs if p.is_alive()]
+        for p in alive:
+            p.kill()
+        assert not alive, "a rank is still waiting for a peer's partial"
+        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+
+    def check(self, parts=None) -> None:
+        """Every call on every rank equals the reference; the peers' slots are empty again at the end."""
+        from specray.kernels.tp_norm import empty_bits
+
+        for c in range(self.calls):
+            want_out, want_res = all_reduce_add_rms_norm_ref((parts or self.parts)[c], self.residual, self.weight,
+                                                             EPS)
+            for r in range(self.world):
+                same(self.outs[c, r], want_out)
+                assert torch.equal(self.res_outs[c, r], want_res), f"call {c} rank {r}"
+                assert torch.equal(self.outs[c, r], self.outs[c, 0])
+        empty = empty_bits(self.regions[0].dtype)[1]
+        for r in range(self.world):
+            for k in range(self.world):
+                if k != r:
+                    assert bool((self.regions[r][:, k].view(self.int_dtype) == empty).all()), f"rank {r} slot {k}"
+
+
+@pytest.mark.parametrize("dtype,world", [(torch.bfloat16, 2), (torch.float32, 2), (torch.float16, 3)])
+def test_push_sums_match_the_reference_and_slots_empty_again(dtype, world):
+    ranks = PushRanks(world, rows=3, hidden=48, dtype=dtype, calls=4, seed=4)
+    ranks.run()
+    ranks.check()
+
+
+def test_push_a_negative_zero_partial_is_summed_not_waited_for():
+    """A partial element of -0.0 is what an empty slot holds: the writer must store it as +0.0, else its peer
+    would wait forever. The sum differs from the reference at most in a zero's sign."""
+    ranks = PushRanks(2, rows=2, hidden=32, dtype=torch.bfloat16, calls=2, seed=5)
+    for c in range(2):
+        ranks.parts[c][0][0, :5] = -0.0
+        ranks.parts[c][1][0, :3] = -0.0  # elements 0..2: both -0.0, the sum is a zero
+    ranks.run()
+    fixed = [[torch.where(p == 0, torch.zeros_like(p), p) for p in call] for call in ranks.parts]
+    ranks.check(fixed)
+
+
+def test_push_a_rank_waits_for_a_late_peer():
+    ranks = PushRanks(2, rows=2, hidden=32, dtype=torch.float32, calls=3, seed=6)
+
+    def before(rank: int, call: int) -> None:
+        if rank == 1 and call == 1:
+            time.sleep(1.0)  # rank 0 is polling its slot 1 of region 1 by now
+
+    ranks.run(before=before)
+    ranks.check()
+
+
+def test_push_from_the_gemv_epilogue():
+    """One row: each rank's GEMV writes its product straight into every rank's slot (`gemv(push=...)`)."""
+    from specray.kernels.gemv import GemvConfig, gemv
+
+    k, hidden, world = 64, 32, 2
+    gen = torch.Generator().manual_seed(7)
+    weights = [(torch.randn(hidden, k, generator=gen) * 0.1).to(torch.bfloat16) for _ in range(world)]
+    xs = [[torch.randn(1, k, generator=gen).to(torch.bfloat16) for _ in range(world)] for _ in range(3)]
+    ranks = PushRanks(world, rows=1, hidden=hidden, dtype=torch.bfloat16, calls=3, seed=8)
+    cfg = GemvConfig(4, 32, 1, 1)
+    for c in range(3):  # the partials the reference sums: the same GEMV without push
+        ranks.parts[c] = [gemv(xs[c][r], weights[r], cfg) for r in range(world)]
+
+    def produce(rank, call, own, push_table) -> None:
+        got = gemv(xs[call][rank], weights[rank], cfg, out=own, push=push_table)
+        assert got is own
+
+    ranks.run(produce=produce)
+    ranks.check()

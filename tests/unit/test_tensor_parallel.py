@@ -212,14 +212,19 @@ def test_fused_all_reduce_setup_agrees_per_step_and_says_why(monkeypatch):
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     monkeypatch.setattr(torch.cuda, "Stream", lambda *a: "side stream")
-    red = TPAllReduce(None, max_bytes=1 << 12)
-    assert red._setup_fused(torch.bfloat16, torch.device("cpu"), None) == "" and red.fuses_norm
-    assert red.regions.shape == (2, 1 << 11)
-    assert [int(t[0]) for t in red.part_tables] == [red.regions[0].data_ptr(), red.regions[1].data_ptr()]
-    flags = red._keep[1]
-    assert int(red.flag_table[0]) == flags.data_ptr() and int(flags.abs().sum()) == 0
-    assert red.can_fuse(2, 1024, torch.bfloat16) and not red.can_fuse(0, 1024, torch.bfloat16)
-    assert not red.can_fuse(3, 1024, torch.bfloat16) and not red.can_fuse(1, 1024, torch.float32)
+    for push in (True, False):  # one rank: one slot per region either way
+        red = TPAllReduce(None, max_bytes=1 << 12, push=push)
+        assert red._setup_fused(torch.bfloat16, torch.device("cpu"), None) == "" and red.fuses_norm
+        assert red.regions.shape == (2, 1, 1 << 11)
+        slots = [red.regions[0, 0].data_ptr(), red.regions[1, 0].data_ptr()]
+        assert [int(t[0]) for t in red.part_tables] == slots
+        assert [int(t[0]) for t in red.push_tables] == (slots if push else [])
+        assert red.partial_region(1, 2, 1024).data_ptr() == slots[1]
+        assert bool((red.regions.view(torch.int16) == -(1 << 15)).all())  # every slot empty: -0.0
+        flags = red._keep[1]
+        assert int(red.flag_table[0]) == flags.data_ptr() and int(flags.abs().sum()) == 0
+        assert red.can_fuse(2, 1024, torch.bfloat16) and not red.can_fuse(0, 1024, torch.bfloat16)
+        assert not red.can_fuse(3, 1024, torch.bfloat16) and not red.can_fuse(1, 1024, torch.float32)
 
     def refuse(t, name):
         raise RuntimeError("no peer answered")
