@@ -6,18 +6,24 @@ attention of each query token over its sequence's keys `0 .. seq_len-1`, causal 
 optional sliding window (key j visible to the query at position i iff i - W < j <= i).
 
 Backends: `TorchAttentionBackend` (dense fp32 reference, any device; the test oracle) and
-`TritonAttentionBackend` (CUDA: Triton split-KV paged decode, SDPA for prefill chunks).
+`TritonAttentionBackend` (CUDA: Triton split-KV paged decode, SDPA for prefill chunks). A backend may also
+offer `store_rotated(layer, q, k, v, positions, rope, meta) -> bool`: RoPE and the K/V store done by the
+backend before `forward` (the Triton backend: one fused kernel); when it returns True the caller passes
+`kv_stored=True` to `forward`, which then skips its own write.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from specray.engine.kv_cache import KVCache
+
+if TYPE_CHECKING:
+    from specray.models.rope import RotaryEmbedding
 
 
 @dataclass
@@ -79,6 +85,9 @@ class AttentionMetadata:
 
 
 class AttentionBackend(Protocol):
+    """`forward` writes k/v at `meta.slot_mapping`, then attends. Optional (looked up with getattr):
+    `store_rotated(layer, q, k, v, positions, rope, meta) -> bool`; see the module docstring."""
+
     def forward(
         self,
         layer: int,
@@ -281,8 +290,34 @@ class TritonAttentionBackend:
             self._decoders[batch_size] = self._make(batch_size)
         return self._decoders[batch_size]
 
-    def forward(self, layer, q, k, v, meta, scale, sliding_window):
-        write_kv(self.cache, layer, k, v, meta.slot_mapping)
+    def store_rotated(
+        self,
+        layer: int,
+        q: torch.Tensor,  # [T, Hq, D], rotated in place
+        k: torch.Tensor,  # [T, Hkv, D], rotated in place
+        v: torch.Tensor,  # [T, Hkv, D]
+        positions: torch.Tensor,  # [T] RoPE positions
+        rope: RotaryEmbedding,
+        meta: AttentionMetadata,
+    ) -> bool:
+        """RoPE of q and k plus this step's K/V cache store at `meta.slot_mapping`, in one Triton launch
+        (`fused.rope_store_`: q, k end up as `rope` leaves them, the cache as `write_kv` leaves it). Only when
+        `rope.fused` is on and the tensors fit the kernel; returns whether it ran (False: nothing was done, the
+        caller applies `rope` and `forward` writes the cache). No host sync, no allocation: CUDA-graph safe."""
+        kc, vc = self.cache.k[layer], self.cache.v[layer]  # [pages, page_size, Hkv, D]
+        if not getattr(rope, "fused", False):
+            return False
+        if kc.dtype not in (torch.float16, torch.bfloat16, torch.float32) or v.shape != k.shape or v.stride(-1) != 1:
+            return False  # not a layout the kernel takes: the unfused RoPE + write_kv
+        from specray.kernels import fused
+
+        fused.rope_store_(q, k, v, positions, rope.cos, rope.sin, kc, vc, meta.slot_mapping)
+        return True
+
+    def forward(self, layer, q, k, v, meta, scale, sliding_window, kv_stored: bool = False):
+        """kv_stored: `store_rotated` already wrote this step's k/v for `layer` (skip `write_kv`)."""
+        if not kv_stored:
+            write_kv(self.cache, layer, k, v, meta.slot_mapping)
         if meta.capture_layer == layer:
             self.captured_q = q.clone()
         if meta.tree_batch is not None:

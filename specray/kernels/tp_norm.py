@@ -82,35 +82,33 @@ def empty_bits(dtype: torch.dtype) -> tuple[torch.dtype, int]:
 
 
 @triton.jit
-def _int_of(dtype: tl.constexpr):
-    if dtype == tl.float32:
-        return tl.int32
-    else:
-        return tl.int16
-
-
-@triton.jit
-def _empty_value(dtype: tl.constexpr):
-    """-0.0 of `dtype` from its bits (a float constant -0.0 could be folded to +0.0)."""
-    if dtype == tl.float32:
-        return (-2147483647 - 1)
-    else:
-        return -32768
-
-
-@triton.jit
 def positive_zero(x):
     """`x` with every -0.0 stored as +0.0, done on the bits: a pushed partial never looks empty."""
-    ity: tl.constexpr = _int_of(x.dtype)
-    bits = x.to(ity, bitcast=True)
-    bits = tl.where(bits == _empty_value(x.dtype), 0, bits).to(ity)
-    return bits.to(x.dtype, bitcast=True)
+    if x.dtype == tl.float32:
+        bits = x.to(tl.int32, bitcast=True)
+        return tl.where(bits == -2147483648, 0, bits).to(tl.int32).to(tl.float32, bitcast=True)
+    else:
+        bits = x.to(tl.int16, bitcast=True)
+        return tl.where(bits == -32768, 0, bits).to(tl.int16).to(x.dtype, bitcast=True)
 
 
 @triton.jit
 def _count_empty(v, mask):
-    ity: tl.constexpr = _int_of(v.dtype)
-    return tl.sum(((v.to(ity, bitcast=True) == _empty_value(v.dtype)) & mask).to(tl.int32), axis=0)
+    """How many elements of `v` under `mask` are -0.0 (an empty slot's value)."""
+    if v.dtype == tl.float32:
+        empty = v.to(tl.int32, bitcast=True) == -2147483648
+    else:
+        empty = v.to(tl.int16, bitcast=True) == -32768
+    return tl.sum((empty & mask).to(tl.int32), axis=0)
+
+
+@triton.jit
+def _empty_like(v):
+    """-0.0 in every element, from the bits (a float constant -0.0 could be folded to +0.0)."""
+    if v.dtype == tl.float32:
+        return tl.full(v.shape, -2147483648, tl.int32).to(tl.float32, bitcast=True)
+    else:
+        return tl.full(v.shape, -32768, tl.int16).to(v.dtype, bitcast=True)
 
 
 @triton.jit
@@ -168,8 +166,7 @@ def _ar_add_rms_norm_kernel(
                     if r != rank:  # wait until the peer's whole row landed, then empty the slot again
                         while _count_empty(v, cmask) > 0:
                             v = tl.load(ptrs, mask=cmask, other=0.0, volatile=True)
-                        tl.store(ptrs, tl.full([BLOCK_H], _empty_value(dtype), _int_of(dtype)).to(dtype, bitcast=True),
-                                 mask=cmask)
+                        tl.store(ptrs, _empty_like(v), mask=cmask)
                 acc += v.to(tl.float32)
             x = _to_dtype(acc, dtype, INTERPRET)
             r_row = res_ptr + row.to(tl.int64) * stride_r + cols

@@ -120,8 +120,13 @@ class Attention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)  # per head, on the strided views
-        q, k = rope(positions, q, k)
-        out = backend.forward(self.layer_idx, q, k, v, meta, self.scale, self.sliding_window)  # [T, Hq, D]
+        # the backend may rotate q/k and store k/v into its cache in one kernel (Triton, fused RoPE)
+        store = getattr(backend, "store_rotated", None)
+        if store is not None and store(self.layer_idx, q, k, v, positions, rope, meta):
+            out = backend.forward(self.layer_idx, q, k, v, meta, self.scale, self.sliding_window, kv_stored=True)
+        else:
+            q, k = rope(positions, q, k)
+            out = backend.forward(self.layer_idx, q, k, v, meta, self.scale, self.sliding_window)  # [T, Hq, D]
         return self.o_proj(out.reshape(T, self.q_size))
 
 
