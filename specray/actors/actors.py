@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import queue
-import sys
 import threading
 import time
 import traceback
@@ -26,8 +25,6 @@ import torch
 from specray.actors import world as W
 from specray.config import EngineConfig
 from specray.engine.sampling_params import SamplingParams
-
-_LEADER_SWITCH_S = 2e-4  # GIL switch interval of a GPU leader's process (see TargetShard.start)
 
 
 class _Member:
@@ -101,11 +98,6 @@ class TargetShard(_Member):
 
     # ---- leader ---------------------------------------------------------------------------------
     def start(self) -> None:
-        if self.engine.device.type == "cuda":
-            # the step thread busy-waits on the draft (GIL held) while the stream() thread has outputs to send:
-            # with the default 5 ms switch interval the stream thread gets the GIL only once the wait is over,
-            # in the middle of verification; a short interval hands it over early in the wait, where it is free
-            sys.setswitchinterval(_LEADER_SWITCH_S)
         self._thread = threading.Thread(target=self._loop, name="specray-leader", daemon=True)
         self._thread.start()
 
