@@ -265,6 +265,8 @@ def main() -> None:
                     help="overhead: rounds over all arms (fresh engines each); each arm reports its median round")
     ap.add_argument("--latency-variants", nargs="*", default=["tp2_pull", "tp2_unfused", "tp2_nccl"],
                     help="latency variants besides tp1 and tp2")
+    ap.add_argument("--latency-rounds", type=int, default=1,
+                    help="latency: rounds over the variants (fresh engines each); each reports its median round")
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="latency: also profile this many leader decode steps (after the timed window starts; "
                          "the profiled steps are slower, so use a separate run for the timing)")
@@ -313,14 +315,24 @@ def main() -> None:
                     "tp2_prefetch": (2, {"tp_weight_prefetch_mb": 24}), "tp2_pull": (2, {"tp_fused_sum": "pull"}),
                     "tp2_nccl": (2, {"disable_custom_all_reduce": True})}
         variants = {k: v for k, v in variants.items() if k in ("tp1", "tp2", *args.latency_variants)}
-        rows = {name: run_distributed(engine_config(target, max_len, tp, **kw), prompt,
-                                      args.tokens, args.ray_address, warm, profile_steps=args.profile_steps)
-                for name, (tp, kw) in variants.items()}
-        for name, row in rows.items():  # kernel tables of the profiled steps, one text file per variant
-            if row.get("profile"):
-                (out / f"latency-profile-{name}.txt").write_text(row.pop("profile"))
+        runs: dict[str, list[dict]] = {k: [] for k in variants}
+        for rnd in range(args.latency_rounds):  # fresh engines each round, the variants interleaved
+            for name, (tp, kw) in variants.items():
+                runs[name].append(run_distributed(engine_config(target, max_len, tp, **kw), prompt, args.tokens,
+                                                  args.ray_address, warm,
+                                                  profile_steps=args.profile_steps if rnd == 0 else 0))
+        rows = {}
+        for name, rs in runs.items():  # each variant: its median round by leader step time
+            med = sorted(rs, key=lambda r: r["leader_ms_per_step"])[len(rs) // 2]
+            rows[name] = {**med, "rounds_leader_ms_per_step": [r["leader_ms_per_step"] for r in rs]}
+            if rs[0].get("profile"):  # kernel tables of the profiled steps, one text file per variant
+                (out / f"latency-profile-{name}.txt").write_text(rs[0]["profile"])
+            rows[name].pop("profile", None)
         ratio = rows["tp2"]["leader_ms_per_step"] / rows["tp1"]["leader_ms_per_step"]
-        dump("latency", {"context": args.latency_context, "batch": 1, "tp2_over_tp1_step_latency": ratio,
+        dump("latency", {"context": args.latency_context, "batch": 1, "rounds": args.latency_rounds,
+                         "tp2_over_tp1_step_latency": ratio,
+                         "tp2_over_tp1_per_round": [a["leader_ms_per_step"] / b["leader_ms_per_step"]
+                                                    for a, b in zip(runs["tp2"], runs["tp1"], strict=True)],
                          **{f"{k}_over_tp1_step_latency": v["leader_ms_per_step"] / rows["tp1"]["leader_ms_per_step"]
                             for k, v in rows.items() if k not in ("tp1", "tp2")},
                          "tp2_over_tp1_driver_ms_per_token":

@@ -9,6 +9,10 @@ once. No split-K, no atomics: the result is deterministic and needs no second ke
 picks split-K plus a reduce kernel for the narrow shapes of a tensor-parallel shard). Every weight byte is
 read once, so the kernel is bound by memory bandwidth; `benchmarks/gemv.py` compares it with cuBLAS.
 
+With `gated` the input row is an MLP's gate_up [1, 2K] and the kernel multiplies by ``silu(gate) * up``, each
+element rounded as `specray.kernels.fused.silu_mul` rounds it, so the result has the bits of silu_mul followed
+by the plain GEMV, without the silu_mul kernel (the down projection at batch 1).
+
 With `push` (tensor parallelism, `specray.kernels.tp_norm`'s push protocol) the epilogue stores the result,
 -0.0 written as +0.0, to every address of a table instead of `out`: this rank's slot in every rank's region.
 
@@ -22,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from specray.kernels.fused import _to_dtype
 from specray.kernels.tp_norm import positive_zero
 
 __all__ = ["GemvConfig", "choose_config", "fits", "gemv", "gemv_ref"]
@@ -66,17 +71,17 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     return (y if bias is None else y + bias.float()).to(x.dtype)
 
 
-def fits(x: torch.Tensor, weight: torch.Tensor, cfg: GemvConfig) -> bool:
+def fits(x: torch.Tensor, weight: torch.Tensor, cfg: GemvConfig, gated: bool = False) -> bool:
     n, k = weight.shape
     block_n, block_k = cfg[0], cfg[1]
-    return (x.dim() == 2 and x.shape[0] == 1 and x.shape[1] == k and x.stride(-1) == 1
+    return (x.dim() == 2 and x.shape[0] == 1 and x.shape[1] == (2 * k if gated else k) and x.stride(-1) == 1
             and x.dtype == weight.dtype and x.dtype in (torch.float16, torch.bfloat16) and weight.is_contiguous()
             and n % block_n == 0 and k % block_k == 0)
 
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr,  # [K]
+    x_ptr,  # [K], or [2K] (gate, up) with GATED
     w_ptr,  # [N, K]
     b_ptr,  # [N] (read only with HAS_BIAS)
     y_ptr,  # [N] (not written with PUSH)
@@ -87,6 +92,8 @@ def _gemv_kernel(
     HAS_BIAS: tl.constexpr,
     PUSH: tl.constexpr,
     W: tl.constexpr,
+    GATED: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
@@ -95,7 +102,13 @@ def _gemv_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
         w = tl.load(w_ptrs + k, eviction_policy="evict_first").to(tl.float32)
-        x = tl.load(x_ptr + k + cols).to(tl.float32)  # [BLOCK_K]
+        if GATED:  # silu(gate) rounded to the dtype, times up, rounded: as the silu_mul kernel
+            gate = tl.load(x_ptr + k + cols).to(tl.float32)
+            up = tl.load(x_ptr + K + k + cols).to(tl.float32)
+            act = _to_dtype(gate / (1.0 + tl.exp(-gate)), x_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
+            x = _to_dtype(act * up, x_ptr.dtype.element_ty, INTERPRET).to(tl.float32)  # [BLOCK_K]
+        else:
+            x = tl.load(x_ptr + k + cols).to(tl.float32)  # [BLOCK_K]
         acc += w * x[None, :]
     y = tl.sum(acc, axis=1)  # [BLOCK_N]
     if HAS_BIAS:
@@ -112,12 +125,12 @@ def _gemv_kernel(
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, cfg: GemvConfig | None = None,
          out: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-         push: torch.Tensor | None = None) -> torch.Tensor:
+         push: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
     """``x @ weight.T (+ bias)`` for x [1, K]; out [1, N] (a new tensor unless given). With `push` ([W] int64
     addresses) the result goes to those W places instead, and `out` (required: one of them, this rank's own
-    slot) is returned."""
+    slot) is returned. With `gated`, x is [1, 2K] (gate, up) and ``silu(gate) * up`` is the input row."""
     cfg = DEFAULT if cfg is None else cfg
-    if not fits(x, weight, cfg):
+    if not fits(x, weight, cfg, gated):
         raise ValueError(f"gemv does not take x {tuple(x.shape)} {x.dtype} with weight {tuple(weight.shape)} "
                          f"{weight.dtype} and blocks {cfg[:2]}")
     m, n = x.shape[0], weight.shape[0]
@@ -129,6 +142,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, cfg: GemvConfig | None = None,
     _gemv_kernel[(n // block_n,)](x, weight, bias if bias is not None else weight, out,
                                   push if push is not None else weight, K=weight.shape[1],
                                   BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
-                                  PUSH=push is not None, W=push.numel() if push is not None else 1,
-                                  num_warps=warps, num_stages=stages)
+                                  PUSH=push is not None, W=push.numel() if push is not None else 1, GATED=gated,
+                                  INTERPRET=bool(triton.knobs.runtime.interpret), num_warps=warps, num_stages=stages)
     return out

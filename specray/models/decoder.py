@@ -69,27 +69,33 @@ class Linear(nn.Linear):
         self.fused = cfg is not None and self.weight.dtype in (torch.float16, torch.bfloat16)
         self.gemv_config = cfg
 
-    def gemv_fits(self, x: torch.Tensor) -> bool:
+    def gemv_fits(self, x: torch.Tensor, gated: bool = False) -> bool:
         if not self.fused:
             return False
         from specray.kernels.gemv import fits
 
-        return fits(x, self.weight, self.gemv_config)
+        return fits(x, self.weight, self.gemv_config, gated)
 
-    def project(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``x @ W^T + b`` [T, out_features], into `out` when given (e.g. a tensor-parallel partial region)."""
-        if self.gemv_fits(x):
+    def project(self, x: torch.Tensor, out: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+        """``x @ W^T + b`` [T, out_features], into `out` when given (e.g. a tensor-parallel partial region).
+        `gated`: x is an MLP's gate_up [T, 2 * in_features] and the input is ``silu(gate) * up`` (fused kernels:
+        inside the GEMV for one row, else the silu_mul kernel first)."""
+        if self.gemv_fits(x, gated):
             from specray.kernels.gemv import gemv
 
-            return gemv(x, self.weight, self.gemv_config, out=out, bias=self.bias)
+            return gemv(x, self.weight, self.gemv_config, out=out, bias=self.bias, gated=gated)
+        if gated:
+            from specray.kernels import fused
+
+            x = fused.silu_mul(x)
         if out is None:
             return F.linear(x, self.weight, self.bias)
         if self.bias is None:
             return torch.matmul(x, self.weight.t(), out=out)
         return torch.addmm(self.bias, x, self.weight.t(), out=out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.project(x)
+    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+        return self.project(x, gated=gated)
 
 
 class Attention(nn.Module):
@@ -140,10 +146,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [T, 2I]
-        if self.fused:
-            from specray.kernels import fused
-
-            return self.down_proj(fused.silu_mul(gate_up))
+        if self.fused:  # silu(gate) * up: inside the down GEMV for one row, else the silu_mul kernel
+            return self.down_proj(gate_up, gated=True)
         gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 

@@ -80,19 +80,20 @@ class RowParallelLinear(Linear):
     site: int | None = None
     prefetch_next: torch.Tensor | None = None  # the weight of the projection after the next norm
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | PendingSum:  # [T, in/tp] -> [T, out]
+    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor | PendingSum:
+        """[T, in/tp] (gated: the MLP's gate_up [T, 2 in/tp], see `Linear.project`) -> [T, out]."""
         r = self.reduce
         if self.site is not None and r.can_fuse(x.shape[0], self.out_features, x.dtype):
             region = r.partial_region(self.site, x.shape[0], self.out_features)  # [T, out], this rank's own slot
-            if r.push and self.gemv_fits(x):  # one row: the GEMV's epilogue writes every rank's slot
+            if r.push and self.gemv_fits(x, gated):  # one row: the GEMV's epilogue writes every rank's slot
                 from specray.kernels.gemv import gemv
 
-                part = gemv(x, self.weight, self.gemv_config, out=region, push=r.push_tables[self.site])
+                part = gemv(x, self.weight, self.gemv_config, out=region, push=r.push_tables[self.site], gated=gated)
             else:
-                part = self.project(x, out=region)
+                part = self.project(x, out=region, gated=gated)
                 r.publish(self.site, part)
             return PendingSum(r, self.site, part, self.prefetch_next)
-        return r(self.project(x))
+        return r(self.project(x, gated=gated))
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -133,11 +133,13 @@ def _fused_norm_checks(rank: int, dtype: torch.dtype, dev: torch.device, push: b
         for k in (2048, 7168):
             weight = (torch.randn(H, k, device=dev, generator=own) * k**-0.5).to(dtype)
             cfg = choose_config(H, k)
+            gated = k == 7168  # down: silu(gate) * up inside the GEMV
             for site in (0, 1, 0):
-                x = torch.randn(1, k, device=dev, generator=own).to(dtype)
+                x = torch.randn(1, 2 * k if gated else k, device=dev, generator=own).to(dtype)
                 resid = torch.randn(1, H, device=dev, generator=common).to(dtype)
-                ref_out, ref_res = unfused(gemv(x, weight, cfg), resid.clone())
-                part = gemv(x, weight, cfg, out=red.partial_region(site, 1, H), push=red.push_tables[site])
+                ref_out, ref_res = unfused(gemv(fused.silu_mul(x) if gated else x, weight, cfg), resid.clone())
+                part = gemv(x, weight, cfg, out=red.partial_region(site, 1, H), push=red.push_tables[site],
+                            gated=gated)
                 out, res = PendingSum(red, site, part).reduce_norm(resid.clone(), w, eps)
                 both = [torch.empty_like(out) for _ in range(2)]
                 dist.all_gather(both, out)

@@ -105,3 +105,70 @@ def test_gemv_real_shapes(n, k):
     w = torch.randn(n, k, device="cuda", generator=g).bfloat16() * 0.02
     x = torch.randn(1, k, device="cuda", generator=g).bfloat16()
     within_a_rounding_step(gemv(x, w, choose_config(n, k)), x, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gated_gemv_equals_silu_mul_then_gemv_bit_for_bit(dtype):
+    """`gated`: the input row is silu(gate) * up computed inside the GEMV, rounded as the silu_mul kernel rounds
+    it, so the result has exactly the bits of silu_mul followed by the plain GEMV; and it is within a rounding
+    step of the float64 product with silu_mul_ref's row."""
+    from specray.kernels.fused import silu_mul, silu_mul_ref
+
+    g = torch.Generator().manual_seed(11)
+    n, k = 32, 128
+    cfg = GemvConfig(4, 64, 1, 1)
+    w = (torch.randn(n, k, generator=g) * 0.1).to(dtype).to(DEVICE)
+    gate_up = (torch.randn(1, 2 * k, generator=g) * 2).to(dtype).to(DEVICE)
+    got = gemv(gate_up, w, cfg, gated=True)
+    act = silu_mul(gate_up)
+    assert torch.equal(act, silu_mul_ref(gate_up))
+    assert torch.equal(got, gemv(act, w, cfg))
+    within_a_rounding_step(got, act, w)
+    with pytest.raises(ValueError):
+        gemv(gate_up[:, :k], w, cfg, gated=True)  # gated wants [1, 2K]
+
+
+def test_mlp_fused_down_projection_runs_gated_gemv_for_one_row(monkeypatch):
+    """A fused MLP hands gate_up to the down projection: one row runs the gated GEMV (no silu_mul kernel), more
+    rows run silu_mul then F.linear; both equal the eager MLP's silu(gate) * up path."""
+    from types import SimpleNamespace
+
+    import specray.kernels.fused as fused_mod
+    import specray.kernels.gemv as gemv_mod
+    from specray.models.decoder import MLP
+
+    mlp = MLP(SimpleNamespace(hidden_size=64, intermediate_size=128)).to(DEVICE, torch.bfloat16)
+    g = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    calls = {"gemv_gated": 0, "silu_mul": 0}
+    real_gemv, real_silu = gemv_mod.gemv, fused_mod.silu_mul
+
+    def spy_gemv(*a, **kw):
+        calls["gemv_gated"] += bool(kw.get("gated"))
+        return real_gemv(*a, **kw)
+
+    def spy_silu(*a, **kw):
+        calls["silu_mul"] += 1
+        return real_silu(*a, **kw)
+
+    monkeypatch.setattr(gemv_mod, "gemv", spy_gemv)
+    monkeypatch.setattr(fused_mod, "silu_mul", spy_silu)
+    for rows in (1, 3):
+        x = (torch.randn(rows, 64, generator=g)).to(torch.bfloat16).to(DEVICE)
+        mlp.fused = False
+        mlp.gate_up_proj.use_gemv(False)
+        mlp.down_proj.use_gemv(False)
+        eager = mlp(x)
+        mlp.fused = True
+        mlp.gate_up_proj.use_gemv(True)
+        mlp.down_proj.use_gemv(True)
+        calls.update(gemv_gated=0, silu_mul=0)
+        got = mlp(x)
+        assert calls == ({"gemv_gated": 1, "silu_mul": 0} if rows == 1 else {"gemv_gated": 0, "silu_mul": 1})
+        # the earlier fused path, silu_mul kernel then the down projection, on the same gate_up: the same bits
+        want = mlp.down_proj(real_silu(mlp.gate_up_proj(x)))
+        assert torch.equal(got, want)
+        # and close to the eager MLP (cuBLAS/CPU products round their sums differently from the GEMV)
+        torch.testing.assert_close(got.float(), eager.float(), rtol=0.05, atol=2e-2)
