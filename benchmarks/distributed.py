@@ -346,9 +346,9 @@ def main() -> None:
             "inprocess_colocated": lambda: run_inprocess(colocated, prompt, args.tokens, warm),
             "distributed_colocated": lambda: run_distributed(colocated, prompt, args.tokens, args.ray_address, warm),
             "distributed_separate": lambda: run_distributed(separate, prompt, args.tokens, args.ray_address, warm),
-            # the control plane's waits spin only 2 ms (shorter than a phase), then sleep: the old default
-            "distributed_separate_short_spin": lambda: run_distributed(
-                dataclasses.replace(separate, control_plane_spin_ms=2.0), prompt, args.tokens, args.ray_address,
+            # the control plane's waits spin 50 ms (longer than any phase: neither side ever sleeps)
+            "distributed_separate_long_spin": lambda: run_distributed(
+                dataclasses.replace(separate, control_plane_spin_ms=50.0), prompt, args.tokens, args.ray_address,
                 warm),
         }
         runs: dict[str, list[dict]] = {k: [] for k in arms}

@@ -230,8 +230,8 @@ class EngineConfig:
     # with the fused all-reduce: MB of the next projection's weight read into L2 while it waits (0: off;
     # experimental, not yet measured on a GPU)
     tp_weight_prefetch_mb: int = 0
-    # control-plane waits (step plans, draft exchange) busy-check this long before sleeping; None: 50 ms
-    # on GPUs (longer than a draft or verify phase), 0 on CPU (spinning waiters starve the gloo shards)
+    # control-plane waits (step plans, draft exchange) busy-check this long before sleeping; None: 2 ms on
+    # GPUs, 0 on CPU (spinning waiters starve the gloo shards); see specray.actors.shm_channel
     control_plane_spin_ms: float | None = None
 
     def __post_init__(self) -> None:

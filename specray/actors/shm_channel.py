@@ -8,10 +8,11 @@ and only then publishes it by bumping the write sequence, so a reader never sees
 All processes of an engine sit on one node (the placement group is `STRICT_PACK`), so this replaces a
 gloo object broadcast (two TCP collectives and pickling into tensors: about 1-2 ms per step) with a
 memory copy and a poll (tens of µs). Waiting ends poll: with `spin_s` > 0 they first busy-check for that
-many seconds (GPU engines: the host is otherwise idle, and each message is seen within a microsecond; the
-spin outlasts a draft or verify phase, so neither side sleeps through the other's work and pays a wake-up,
-or a drowsy core, on every step), then yield, then back off to sleeps of 50 µs and 1 ms, so an idle engine
-costs almost no CPU. CPU (gloo) engines use no spin: their shards need every core for compute, and
+many seconds (GPU engines: each message is seen within a microsecond), then yield, then back off to sleeps
+of 50 µs and 1 ms, so an idle engine costs almost no CPU. The GPU default (2 ms) is shorter than a draft or
+verify phase on purpose: on 2 H200s a 50 ms spin, which never sleeps through the other side's phase, made
+the separate-draft step 0.6 ms slower (3 interleaved rounds, BENCHMARKS.md); a busy waiter takes CPU from the
+process that is working. CPU (gloo) engines use no spin: their shards need every core for compute, and
 spinning waiters starve them and Ray's own daemons.
 
 Ordering relies on the writer's stores becoming visible in program order (x86-64 TSO: the data before
@@ -30,7 +31,7 @@ _LINE = 64  # one cache line per sequence word: no false sharing between readers
 _SLOT_HEADER = 16  # u64 chunk length, u64 1 if it is the message's last chunk
 
 
-DEFAULT_SPIN_S = 0.05  # GPU worlds: seconds of busy checks before yielding (longer than any one phase)
+DEFAULT_SPIN_S = 0.002  # GPU worlds: seconds of busy checks before yielding (see the module docstring)
 _CLOCK_EVERY = 256  # busy checks between clock reads
 
 
