@@ -64,18 +64,23 @@ class Ranks:
     def run(self, with_residual: bool, before=None, timeout: float = 120.0, calls: int = 1) -> None:
         """Launch every rank's kernel (`calls` times) in its own forked process; `before(rank)` runs there
         first."""
-        ctx = mp.get_context("fork")
-        procs = [ctx.Process(target=self._rank_main, args=(r, with_residual, before, calls))
-                 for r in range(self.world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout)
-        alive = [p for p in procs if p.is_alive()]
-        for p in alive:
-            p.kill()
-        assert not alive, "a rank is still waiting at the barrier"
-        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+        run_forked(self._rank_main, [(r, with_residual, before, calls) for r in range(self.world)], timeout,
+                   "a rank is still waiting at the barrier")
+
+
+def run_forked(target, rank_args: list[tuple], timeout: float, stuck: str) -> None:
+    """`target(*args)` for each rank's args in its own forked process; fails with `stuck` if one hangs."""
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=target, args=args) for args in rank_args]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, stuck
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
 
 
 def same(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -201,17 +206,8 @@ class PushRanks:
             self.res_outs[c, rank].copy_(new_res)
 
     def run(self, produce=None, before=None, timeout: float = 180.0) -> None:
-        ctx = mp.get_context("fork")
-        procs = [ctx.Process(target=self._rank_main, args=(r, produce, before)) for r in range(self.world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout)
-        alive = [p for p in procs if p.is_alive()]
-        for p in alive:
-            p.kill()
-        assert not alive, "a rank is still waiting for a peer's partial"
-        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+        run_forked(self._rank_main, [(r, produce, before) for r in range(self.world)], timeout,
+                   "a rank is still waiting for a peer's partial")
 
     def check(self, parts=None) -> None:
         """Every call on every rank equals the reference; the peers' slots are empty again at the end."""
