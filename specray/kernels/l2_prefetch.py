@@ -5,13 +5,14 @@ Data owned here: none. The caller passes the weight (read only) and a one-elemen
 sink, that keeps the compiler from dropping the loads. The sink is written only when a block's bit sum hits
 one value; nothing reads it.
 
-Use: a tensor-parallel rank waits at the fused all-reduce barrier for a few microseconds while its memory bus
-idles. On a second stream, this kernel meanwhile reads the first `nbytes` of the next projection's weight
-(loads marked `evict_last`), so that GEMV finds them in L2 instead of DRAM. The results do not change.
+Use: a tensor-parallel rank waits in the fused all-reduce (the pull protocol's barrier, or the push protocol's
+poll) for a few microseconds while its memory bus idles. On a second stream, this kernel meanwhile reads the
+first `nbytes` of the next projection's weight (loads marked `evict_last`), so that GEMV finds them in L2
+instead of DRAM. The results do not change.
 
-Status: off by default (`EngineConfig.tp_weight_prefetch_mb = 0`). It is tested on CPU (the kernel under the
-Triton interpreter, the model wiring) but has not run on a GPU yet, so neither its benefit nor the capture of
-its second stream in the decode graphs has been measured.
+Status: off by default (`EngineConfig.tp_weight_prefetch_mb = 0`). Measured once on 2 H200s (session 6, pull
+protocol, 24 MB, BENCHMARKS.md): the TP=2 decode step got slower (4.06 against 3.93 ms), so it stays off. Tested on
+CPU (the kernel under the Triton interpreter, the model wiring) and on a GPU inside a captured graph.
 """
 
 from __future__ import annotations

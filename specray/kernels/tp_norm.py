@@ -1,11 +1,12 @@
 """The tensor-parallel all-reduce fused with the residual add and RMSNorm that follow it: one Triton kernel.
 
 Data owned here: none. The caller (`specray.models.tp_comm.TPAllReduce`) owns the symmetric-memory regions
-that hold every rank's partial sums and the int32 flag arrays that serve as the barrier; this module gets
-their addresses as int64 tables, one entry per rank in rank order, so the kernel reads peer memory over
-NVLink directly.
+that hold the ranks' partial sums and the int32 flag arrays of the pull protocol's barrier; this module gets
+their addresses as int64 tables, one entry per rank in rank order (peer memory is addressed directly, over
+NVLink).
 
-A row-parallel layer (O, down) writes its partial output straight into this rank's region. Then, per row:
+A row-parallel layer (O, down) writes its partial output straight into symmetric memory (push: into its slot of
+every rank's region; pull: into its own region; see below). Then, per row:
 
     s = round(sum over ranks r, in rank order, of partial_r)      (fp32 sum, rounded once to the dtype)
     h = round(s + residual)     residual <- h                       (without a residual: residual_out <- s)

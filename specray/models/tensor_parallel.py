@@ -84,6 +84,7 @@ class RowParallelLinear(Linear):
         """[T, in/tp] (gated: the MLP's gate_up [T, 2 in/tp], see `Linear.project`) -> [T, out]."""
         r = self.reduce
         if self.site is not None and r.can_fuse(x.shape[0], self.out_features, x.dtype):
+            r.claim_site(self.site)
             region = r.partial_region(self.site, x.shape[0], self.out_features)  # [T, out], this rank's own slot
             if r.push and self.gemv_fits(x, gated):  # one row: the GEMV's epilogue writes every rank's slot
                 from specray.kernels.gemv import gemv

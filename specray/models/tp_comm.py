@@ -103,6 +103,7 @@ class TPAllReduce:
         # pull: rank r's slot 0) and, with push, one of where this rank writes its partial (slot [rank] of
         # every rank's region); an int64 [W] table of flag arrays (pull's barrier)
         self.push = push
+        self._last_site: int | None = None  # region of the last fused sum issued (`claim_site`)
         self.regions: torch.Tensor | None = None  # [2, S, max_bytes // itemsize] symmetric
         self.part_tables: list[torch.Tensor] = []
         self.push_tables: list[torch.Tensor] = []
@@ -138,6 +139,14 @@ class TPAllReduce:
         if self.regions is None or rows * hidden > self.regions.shape[2]:
             raise ValueError(f"a [{rows}, {hidden}] partial does not fit the fused all-reduce regions")
         return self.regions[site, self.rank if self.push else 0, : rows * hidden].view(rows, hidden)
+
+    def claim_site(self, site: int) -> None:
+        """Note that the next fused sum uses region `site`. Both protocols need consecutive fused sums to alternate
+        regions (see `specray.kernels.tp_norm`): two in a row on one region could let a peer overwrite (pull) or
+        empty (push) a partial before this rank read it, and a push rank would then wait forever. Refused here."""
+        if site == self._last_site:
+            raise RuntimeError(f"two fused all-reduces in a row on region {site}: O and down must alternate")
+        self._last_site = site
 
     def publish(self, site: int, part: torch.Tensor) -> None:
         """Make this rank's partial `part` (its own slot of region `site`, already written) visible to the norm:

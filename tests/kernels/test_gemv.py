@@ -172,3 +172,45 @@ def test_mlp_fused_down_projection_runs_gated_gemv_for_one_row(monkeypatch):
         assert torch.equal(got, want)
         # and close to the eager MLP (cuBLAS/CPU products round their sums differently from the GEMV)
         torch.testing.assert_close(got.float(), eager.float(), rtol=0.05, atol=2e-2)
+
+
+def test_row_parallel_pushes_from_the_gemv_or_publishes_and_alternates_regions():
+    """`RowParallelLinear` with the push protocol: one bf16 row runs the GEMV with the push table (no separate
+    publish), more rows run `project` into the region and then `publish`; two fused sums in a row on one region are
+    refused. Oracle: the plain product, and the calls recorded by a stand-in reducer."""
+    from specray.models.tensor_parallel import RowParallelLinear
+    from specray.models.tp_comm import PendingSum, TPAllReduce
+
+    class Reducer(TPAllReduce):
+        def __init__(self):
+            super().__init__(None)
+            self.push, self.published, self.buf = True, [], torch.zeros(2, 8 * 32, dtype=torch.bfloat16)
+            self.push_tables = [torch.tensor([self.buf[s].data_ptr()]) for s in range(2)]  # one rank: own slot
+
+        def can_fuse(self, rows, hidden, dtype):
+            return True
+
+        def partial_region(self, site, rows, hidden):
+            return self.buf[site, : rows * hidden].view(rows, hidden)
+
+        def publish(self, site, part):
+            self.published.append((site, part.shape[0]))
+
+    g = torch.Generator().manual_seed(13)
+    lin = RowParallelLinear(64, 32, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(32, 64, generator=g) * 0.1)
+    lin = lin.to(torch.bfloat16)
+    lin.use_gemv(True)
+    lin.reduce = red = Reducer()
+    for site, rows in ((0, 1), (1, 3), (0, 1)):
+        lin.site = site
+        x = torch.randn(rows, 64, generator=g).to(torch.bfloat16)
+        with torch.inference_mode():
+            got = lin(x)
+        assert isinstance(got, PendingSum) and got.site == site
+        assert torch.equal(red.buf[site, : rows * 32].view(rows, 32), got.partial)
+        within_a_rounding_step(got.partial, x, lin.weight)
+    assert red.published == [(1, 3)]  # the one-row sums were pushed by the GEMV itself
+    with pytest.raises(RuntimeError, match="in a row on region 0"), torch.inference_mode():
+        lin(torch.randn(1, 64, generator=g).to(torch.bfloat16))

@@ -22,7 +22,7 @@ def _messages(seed: int, n: int) -> list[object]:
     return out
 
 
-def _reader(path: str, readers: int, index: int, n: int, slow: bool, spin: int, q) -> None:
+def _reader(path: str, readers: int, index: int, n: int, slow: bool, spin: float, q) -> None:
     chan = ShmChannel.attach(path, readers, index, num_slots=4, slot_bytes=4096, spin_s=spin)
     got = []
     for _ in range(n):
@@ -103,3 +103,22 @@ def test_waiter_spins_for_its_time_then_backs_off(monkeypatch):
     no_spin = S._Waiter(0.0)
     no_spin(1)
     assert sleeps[-1] == 0 and len(sleeps) == 1_001  # CPU worlds: back off from the first check
+
+
+def test_spin_config_and_layout_default():
+    """`control_plane_spin_ms` and `tp_fused_sum` are validated with a message naming the field; a world's spin is
+    the configured one, else 2 ms with NCCL and none with gloo."""
+    from specray.actors.shm_channel import DEFAULT_SPIN_S
+    from specray.actors.world import Layout
+    from specray.config import EngineConfig
+    from specray.errors import ConfigError
+
+    for bad in (-1, 20_000, True, "fast", float("nan")):
+        with pytest.raises(ConfigError, match="control_plane_spin_ms"):
+            EngineConfig(control_plane_spin_ms=bad)
+    with pytest.raises(ConfigError, match="tp_fused_sum"):
+        EngineConfig(tp_fused_sum="scatter")
+    assert EngineConfig(control_plane_spin_ms=0).control_plane_spin_ms == 0
+    assert Layout(2, True, "nccl").control_spin_s == DEFAULT_SPIN_S == 0.002
+    assert Layout(2, True, "gloo").control_spin_s == 0.0
+    assert Layout(2, True, "nccl", 0.0).control_spin_s == 0.0

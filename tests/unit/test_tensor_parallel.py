@@ -233,3 +233,53 @@ def test_fused_all_reduce_setup_agrees_per_step_and_says_why(monkeypatch):
     red = TPAllReduce(None, max_bytes=1 << 12)
     assert red._setup_fused(torch.bfloat16, torch.device("cpu"), None) == "RuntimeError: no peer answered"
     assert not red.fuses_norm and red.part_tables == [] and red.flag_table is None
+
+
+def test_fused_all_reduce_tables_for_two_ranks(monkeypatch):
+    """Rank 1 of 2 (symmetric memory simulated): push reads its own slots 0 and 1 and writes slot 1 of both ranks'
+    regions; pull reads slot 0 of both ranks' regions. Oracle: addresses computed here from the layout
+    [2 regions, S slots, elems]."""
+    import torch.distributed as dist
+    import torch.distributed._symmetric_memory as symm_mem
+
+    from specray.models.tp_comm import TPAllReduce
+
+    peers: dict[int, torch.Tensor] = {}
+
+    class Handle:
+        rank = 1
+
+        def __init__(self, t):
+            self.t = t
+
+        def get_buffer(self, rank, sizes, dtype):
+            if rank == 1:
+                return self.t.view(dtype)[: sizes[0]]
+            return peers.setdefault(sizes[0], torch.empty(sizes[0], dtype=dtype))
+
+    monkeypatch.setattr(symm_mem, "empty", lambda n, dtype, device: torch.zeros(n, dtype=dtype))
+    monkeypatch.setattr(symm_mem, "rendezvous", lambda t, name: Handle(t))
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *a: "side stream")
+    elems, item = 1 << 11, 2
+    for push in (True, False):
+        peers.clear()
+        red = TPAllReduce(None, max_bytes=elems * item, push=push)
+        assert red._setup_fused(torch.bfloat16, torch.device("cpu"), None) == ""
+        slots = 2 if push else 1
+        assert red.regions.shape == (2, slots, elems) and red.rank == 1
+        base = [peers[2 * slots * elems].data_ptr(), red.regions.data_ptr()]  # rank 0's, rank 1's region
+
+        def addr(rank, site, slot, base=base, slots=slots):
+            return base[rank] + (site * slots + slot) * elems * item
+
+        for site in (0, 1):
+            if push:
+                assert red.part_tables[site].tolist() == [addr(1, site, 0), addr(1, site, 1)]
+                assert red.push_tables[site].tolist() == [addr(0, site, 1), addr(1, site, 1)]
+                assert red.partial_region(site, 1, 8).data_ptr() == addr(1, site, 1)
+            else:
+                assert red.part_tables[site].tolist() == [addr(0, site, 0), addr(1, site, 0)]
+                assert red.partial_region(site, 1, 8).data_ptr() == addr(1, site, 0)
+        assert red.push_tables == [] or push
