@@ -244,6 +244,15 @@ def run_inprocess(cfg, prompt, n, warm: list[int]) -> dict[str, Any]:
     return row
 
 
+def median_round(rounds: list[dict], key: str, *also: str) -> dict[str, Any]:
+    """The round whose `key` is the median (of an even count, the upper one), plus `rounds_<field>`: every
+    round's value of `key` and of each field in `also`, in run order."""
+    row = dict(sorted(rounds, key=lambda r: r[key])[len(rounds) // 2])
+    for field in (key, *also):
+        row[f"rounds_{field}"] = [r[field] for r in rounds]
+    return row
+
+
 def first_divergence(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
@@ -323,8 +332,7 @@ def main() -> None:
                                                   profile_steps=args.profile_steps if rnd == 0 else 0))
         rows = {}
         for name, rs in runs.items():  # each variant: its median round by leader step time
-            med = sorted(rs, key=lambda r: r["leader_ms_per_step"])[len(rs) // 2]
-            rows[name] = {**med, "rounds_leader_ms_per_step": [r["leader_ms_per_step"] for r in rs]}
+            rows[name] = median_round(rs, "leader_ms_per_step")
             if rs[0].get("profile"):  # kernel tables of the profiled steps, one text file per variant
                 (out / f"latency-profile-{name}.txt").write_text(rs[0]["profile"])
             rows[name].pop("profile", None)
@@ -363,11 +371,8 @@ def main() -> None:
                                                 / max(row.get("spec_steps", 0), 1))
                 row["step_ms"] = row.get("leader_ms_per_step", row.get("inprocess_ms_per_step"))
                 runs[name].append(row)
-        rows = {}
-        for name, rs in runs.items():  # each arm: its median round (by step time), plus every round's times
-            med = sorted(rs, key=lambda r: r["step_ms"])[len(rs) // 2]
-            rows[name] = {**med, "rounds_step_ms": [r["step_ms"] for r in rs],
-                          "rounds_wall_ms_per_spec_step": [r["wall_ms_per_spec_step"] for r in rs]}
+        # each arm: its median round (by step time), plus every round's times
+        rows = {name: median_round(rs, "step_ms", "wall_ms_per_spec_step") for name, rs in runs.items()}
         base = rows["inprocess_colocated"]["step_ms"]
         wall = rows["inprocess_colocated"]["wall_ms_per_spec_step"]
         dump("overhead", {

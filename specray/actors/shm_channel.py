@@ -36,19 +36,20 @@ _CLOCK_EVERY = 256  # busy checks between clock reads
 
 
 class _Waiter:
-    """Poll policy of one wait: busy checks for `spin_s` seconds, then 1,000 yields, then 50 µs sleeps,
-    then 1 ms sleeps."""
+    """Poll policy of one wait, called once per failed check: busy checks for `spin_s` seconds, then 1,000
+    yields, then 50 µs sleeps, then 1 ms sleeps. `checks` counts the calls."""
 
-    __slots__ = ("spin_until", "spinning", "slept")
+    __slots__ = ("checks", "spin_until", "spinning", "slept")
 
     def __init__(self, spin_s: float):
         self.spinning = spin_s > 0
         self.spin_until = time.perf_counter() + spin_s if self.spinning else 0.0
-        self.slept = 0
+        self.checks = self.slept = 0
 
-    def __call__(self, checks: int) -> None:
+    def __call__(self) -> None:
+        self.checks += 1
         if self.spinning:
-            if checks % _CLOCK_EVERY or time.perf_counter() < self.spin_until:
+            if self.checks % _CLOCK_EVERY or time.perf_counter() < self.spin_until:
                 return
             self.spinning = False
         self.slept += 1
@@ -119,11 +120,10 @@ class ShmChannel:
         words, mm = self._words, self._mm
         for c in range(chunks):
             seq = self._seq
-            spins, wait = 0, None
+            wait = None  # made on the first failed check: no clock read when the slot is free at once
             while seq - min(words[self._read_word(r)] for r in range(self.num_readers)) >= self.num_slots:
-                spins += 1
                 wait = wait or _Waiter(self.spin_s)
-                wait(spins)
+                wait()
             part = view[c * self.slot_bytes : (c + 1) * self.slot_bytes]
             off = self._data_off + (seq % self.num_slots) * self._slot_stride
             mm[off + _SLOT_HEADER : off + _SLOT_HEADER + len(part)] = part
@@ -142,12 +142,11 @@ class ShmChannel:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             seq = self._seq
-            spins, wait = 0, None
+            wait = None  # made on the first failed check: no clock read when a message is already there
             while words[0] <= seq:
-                spins += 1
                 wait = wait or _Waiter(self.spin_s)
-                wait(spins)
-                if deadline is not None and spins % 1024 == 0 and time.monotonic() > deadline:
+                wait()
+                if deadline is not None and wait.checks % 1024 == 0 and time.monotonic() > deadline:
                     raise TimeoutError(f"no message on {self.path} within {timeout} s")
             off = self._data_off + (seq % self.num_slots) * self._slot_stride
             n, last = words[off // 8], words[off // 8 + 1]

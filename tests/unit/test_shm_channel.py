@@ -90,18 +90,18 @@ def test_waiter_spins_for_its_time_then_backs_off(monkeypatch):
     monkeypatch.setattr(S.time, "perf_counter", lambda: now[0])
     monkeypatch.setattr(S.time, "sleep", sleeps.append)
     wait = S._Waiter(0.05)
-    for checks in range(1, 10 * S._CLOCK_EVERY):
+    for _ in range(1, 10 * S._CLOCK_EVERY):
         now[0] += 1e-6  # 10 µs of polling per 10 checks: far less than 50 ms
-        wait(checks)
+        wait()
     assert sleeps == []
     now[0] += 0.05
-    wait(10 * S._CLOCK_EVERY)
-    assert sleeps == [0]  # the spin is over: yield
-    for checks in range(1, 1_000):
-        wait(checks)
+    wait()  # check 10 * _CLOCK_EVERY reads the clock
+    assert sleeps == [0] and wait.checks == 10 * S._CLOCK_EVERY  # the spin is over: yield
+    for _ in range(1, 1_000):
+        wait()
     assert sleeps[-1] == 50e-6  # then short sleeps
     no_spin = S._Waiter(0.0)
-    no_spin(1)
+    no_spin()
     assert sleeps[-1] == 0 and len(sleeps) == 1_001  # CPU worlds: back off from the first check
 
 
