@@ -3,7 +3,7 @@ of one TP=2 shard (bf16, batch 1), each timed as a CUDA graph of one call per la
 distinct weights / caches (so no call finds its operands in L2):
 
   silu_down  `fused.silu_mul` + the down-projection GEMV   vs  the gated GEMV (`gemv(..., gated=True)`)
-  rope_kv    `fused.rope_` + `write_kv` (two index_copy)  vs  `fused.rope_store_` (one kernel)
+  rope_kv    `rotary.rope_` + `write_kv` (two index_copy)  vs  `rotary.rope_store_` (one kernel)
 
 Prints µs per layer for both and their ratio; a ratio above 1 means the fusion is slower at that shape.
 
@@ -21,7 +21,7 @@ from gemv import graph_time  # benchmarks/gemv.py, beside this script
 
 from specray.engine.attention import write_kv
 from specray.engine.kv_cache import KVCache, KVCacheSpec
-from specray.kernels import fused
+from specray.kernels import fused, rotary
 from specray.kernels.gemv import choose_config, gemv
 from specray.models.arch import ModelArch
 from specray.models.rope import RotaryEmbedding
@@ -58,11 +58,11 @@ def rope_kv(q_heads: int, kv_heads: int, iters: int) -> dict:
     slots = torch.tensor([CTX - 5], device=dev)
 
     def two(i: int) -> None:
-        fused.rope_(q, k, pos, rope.cos, rope.sin)
+        rotary.rope_(q, k, pos, rope.cos, rope.sin)
         write_kv(cache, i % LAYERS, k, v, slots)
 
     def one(i: int) -> None:
-        fused.rope_store_(q, k, v, pos, rope.cos, rope.sin, cache.k[i % LAYERS], cache.v[i % LAYERS], slots)
+        rotary.rope_store_(q, k, v, pos, rope.cos, rope.sin, cache.k[i % LAYERS], cache.v[i % LAYERS], slots)
 
     t_two, t_one = graph_time(two, iters), graph_time(one, iters)
     return {"unfused_us": t_two * 1e6, "fused_us": t_one * 1e6, "fused_over_unfused": t_one / t_two}

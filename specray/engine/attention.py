@@ -301,7 +301,7 @@ class TritonAttentionBackend:
         meta: AttentionMetadata,
     ) -> bool:
         """RoPE of q and k plus this step's K/V cache store at `meta.slot_mapping`, in one Triton launch
-        (`fused.rope_store_`: q, k end up as `rope` leaves them, the cache as `write_kv` leaves it). Only when
+        (`rotary.rope_store_`: q, k end up as `rope` leaves them, the cache as `write_kv` leaves it). Only when
         `rope.fused` is on and the tensors fit the kernel; returns whether it ran (False: nothing was done, the
         caller applies `rope` and `forward` writes the cache). No host sync, no allocation: CUDA-graph safe."""
         kc, vc = self.cache.k[layer], self.cache.v[layer]  # [pages, page_size, Hkv, D]
@@ -309,9 +309,9 @@ class TritonAttentionBackend:
             return False
         if kc.dtype not in (torch.float16, torch.bfloat16, torch.float32) or v.shape != k.shape or v.stride(-1) != 1:
             return False  # not a layout the kernel takes: the unfused RoPE + write_kv
-        from specray.kernels import fused
+        from specray.kernels import rotary
 
-        fused.rope_store_(q, k, v, positions, rope.cos, rope.sin, kc, vc, meta.slot_mapping)
+        rotary.rope_store_(q, k, v, positions, rope.cos, rope.sin, kc, vc, meta.slot_mapping)
         return True
 
     def forward(self, layer, q, k, v, meta, scale, sliding_window, kv_stored: bool = False):

@@ -48,9 +48,9 @@ class RotaryEmbedding(torch.nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T]; q [T, Hq, D]; k [T, Hkv, D] -> rotated (q, k) in their dtype."""
         if self.fused:  # in place, one Triton kernel for q and k
-            from specray.kernels import fused
+            from specray.kernels import rotary
 
-            fused.rope_(q, k, positions, self.cos, self.sin)
+            rotary.rope_(q, k, positions, self.cos, self.sin)
             return q, k
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from specray.kernels import fused  # noqa: E402
+from specray.kernels import fused, rotary  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 REL_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -217,8 +217,8 @@ def test_rope_on_fused_qkv_views(tokens: int, head_dim: int, heads: tuple[int, i
     k = k.view(tokens, num_kv, head_dim)
     q0, k0, v0 = q.clone(), k.clone(), v.clone()
 
-    assert fused.rope_(q, k, positions, cos, sin) is None
-    ref_q, ref_k = fused.rope_ref(q0, k0, positions, cos, sin)
+    assert rotary.rope_(q, k, positions, cos, sin) is None
+    ref_q, ref_k = rotary.rope_ref(q0, k0, positions, cos, sin)
     assert torch.equal(v, v0), "v (after k in the fused buffer) must be untouched"
     for got, ref, orig in ((q, ref_q, q0), (k, ref_k, k0)):
         assert rel_err(got, ref) <= REL_TOL[dtype]
@@ -237,7 +237,7 @@ def test_rope_eager_formula_int32_positions_and_fp16() -> None:
         q = randn(tokens, num_q, head_dim, dtype=dtype, seed=31)
         k = randn(tokens, num_kv, head_dim, dtype=dtype, seed=32)
         q0, k0 = q.clone(), k.clone()
-        fused.rope_(q, k, positions, cos, sin)
+        rotary.rope_(q, k, positions, cos, sin)
         c = cos[positions.long()].unsqueeze(1).to(dtype)
         s = sin[positions.long()].unsqueeze(1).to(dtype)
         half = head_dim // 2
@@ -254,14 +254,14 @@ def test_rope_input_validation() -> None:
     k = randn(2, 2, 64, dtype=torch.bfloat16, seed=2)
     pos = torch.zeros(2, dtype=torch.int64, device=DEVICE)
     with pytest.raises(ValueError, match="dtype"):
-        fused.rope_(q, k.float(), pos, cos, sin)
+        rotary.rope_(q, k.float(), pos, cos, sin)
     with pytest.raises(ValueError, match="positions"):
-        fused.rope_(q, k, pos.float(), cos, sin)
+        rotary.rope_(q, k, pos.float(), cos, sin)
     with pytest.raises(ValueError, match="cos"):
-        fused.rope_(q, k, pos, cos.bfloat16(), sin)
+        rotary.rope_(q, k, pos, cos.bfloat16(), sin)
     with pytest.raises(ValueError, match="stride"):
-        fused.rope_(q.transpose(1, 2).contiguous().transpose(1, 2), k, pos, cos, sin)
-    fused.rope_(q[:0], k[:0], pos[:0], cos, sin)  # no tokens: no launch
+        rotary.rope_(q.transpose(1, 2).contiguous().transpose(1, 2), k, pos, cos, sin)
+    rotary.rope_(q[:0], k[:0], pos[:0], cos, sin)  # no tokens: no launch
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""RoPE + paged K/V cache store in one Triton launch (``fused.rope_store_``) and its wiring into the decoder
+"""RoPE + paged K/V cache store in one Triton launch (``rotary.rope_store_``) and its wiring into the decoder
 through ``TritonAttentionBackend.store_rotated``.
 
 Owns no data: every test builds fresh random inputs and caches (never zeros). The kernel is checked against an
@@ -26,7 +26,7 @@ from specray.engine.attention import (  # noqa: E402
     write_kv,
 )
 from specray.engine.kv_cache import KVCache, KVCacheSpec  # noqa: E402
-from specray.kernels import fused  # noqa: E402
+from specray.kernels import rotary  # noqa: E402
 from specray.models.arch import ModelArch  # noqa: E402
 from specray.models.decoder import DecoderLM  # noqa: E402
 from specray.spec.types import DraftTree  # noqa: E402
@@ -90,11 +90,11 @@ def test_rope_store_matches_rope_ref_and_index_store(tokens: int, heads: tuple[i
     v_cache = randn(num_pages, page_size, num_kv, head_dim, dtype=dtype, seed=seed + 2)
     q0, k0, v0 = q.clone(), k.clone(), v.clone()
 
-    ref_q, ref_k = fused.rope_ref(q0, k0, positions, cos, sin)
+    ref_q, ref_k = rotary.rope_ref(q0, k0, positions, cos, sin)
     want_kc, want_vc = oracle_store(k_cache, slots, ref_k), oracle_store(v_cache, slots, v0)
     assert not torch.equal(want_kc, k_cache) and not torch.equal(want_vc, v_cache)
 
-    assert fused.rope_store_(q, k, v, positions, cos, sin, k_cache, v_cache, slots) is None
+    assert rotary.rope_store_(q, k, v, positions, cos, sin, k_cache, v_cache, slots) is None
     assert torch.equal(v, v0), "v must not be modified"
     if DEVICE.type == "cpu":  # the interpreter has no FMA contraction: bit-exact against the reference
         assert torch.equal(q, ref_q)
@@ -106,7 +106,7 @@ def test_rope_store_matches_rope_ref_and_index_store(tokens: int, heads: tuple[i
 
     # bit-exact against today's unfused path (rope_ then write_kv's index_copy_), on any device
     qkv2, q2, k2, v2 = qkv_views(tokens, num_q, num_kv, head_dim, dtype, seed)
-    fused.rope_(q2, k2, positions, cos, sin)
+    rotary.rope_(q2, k2, positions, cos, sin)
     kc2 = randn(num_pages, page_size, num_kv, head_dim, dtype=dtype, seed=seed + 1)
     vc2 = randn(num_pages, page_size, num_kv, head_dim, dtype=dtype, seed=seed + 2)
     kc2.view(-1, num_kv, head_dim).index_copy_(0, slots, k2)
@@ -130,10 +130,10 @@ def test_rope_store_casts_to_the_cache_dtype_and_skips_negative_slots(dtype, cac
     k_cache = randn(num_pages, page_size, num_kv, head_dim, dtype=cache_dtype, seed=52)
     v_cache = randn(num_pages, page_size, num_kv, head_dim, dtype=cache_dtype, seed=53)
     q0, k0, v0 = q.clone(), k.clone(), v.clone()
-    ref_q, ref_k = fused.rope_ref(q0, k0, positions.long(), cos, sin)
+    ref_q, ref_k = rotary.rope_ref(q0, k0, positions.long(), cos, sin)
     want_kc, want_vc = oracle_store(k_cache, slots, ref_k), oracle_store(v_cache, slots, v0)
 
-    fused.rope_store_(q, k, v, positions, cos, sin, k_cache, v_cache, slots)
+    rotary.rope_store_(q, k, v, positions, cos, sin, k_cache, v_cache, slots)
     assert torch.equal(v, v0)
     assert torch.equal(q[3], q0[3]) and torch.equal(k[3], k0[3])  # position 0 is the identity
     if DEVICE.type == "cpu":
@@ -155,23 +155,23 @@ def test_rope_store_input_validation() -> None:
     pos = torch.zeros(2, dtype=torch.int64, device=DEVICE)
     slots = torch.tensor([5, 6], device=DEVICE)
     with pytest.raises(ValueError, match="v must"):
-        fused.rope_store_(q, k, v.float(), pos, cos, sin, kc, vc, slots)
+        rotary.rope_store_(q, k, v.float(), pos, cos, sin, kc, vc, slots)
     with pytest.raises(ValueError, match="v must"):
-        fused.rope_store_(q, k, v[:, :1], pos, cos, sin, kc, vc, slots)
+        rotary.rope_store_(q, k, v[:, :1], pos, cos, sin, kc, vc, slots)
     with pytest.raises(ValueError, match="slots"):
-        fused.rope_store_(q, k, v, pos, cos, sin, kc, vc, slots.float())
+        rotary.rope_store_(q, k, v, pos, cos, sin, kc, vc, slots.float())
     with pytest.raises(ValueError, match="slots"):
-        fused.rope_store_(q, k, v, pos, cos, sin, kc, vc, slots[:1])
+        rotary.rope_store_(q, k, v, pos, cos, sin, kc, vc, slots[:1])
     with pytest.raises(ValueError, match="share a shape"):
-        fused.rope_store_(q, k, v, pos, cos, sin, kc[..., :32], vc[..., :32], slots)
+        rotary.rope_store_(q, k, v, pos, cos, sin, kc[..., :32], vc[..., :32], slots)
     with pytest.raises(ValueError, match="share a dtype"):
-        fused.rope_store_(q, k, v, pos, cos, sin, kc, vc.float(), slots)
+        rotary.rope_store_(q, k, v, pos, cos, sin, kc, vc.float(), slots)
     with pytest.raises(ValueError, match="viewable"):
-        fused.rope_store_(q, k, v, pos, cos, sin, kc.transpose(0, 1), vc.transpose(0, 1), slots)
+        rotary.rope_store_(q, k, v, pos, cos, sin, kc.transpose(0, 1), vc.transpose(0, 1), slots)
     with pytest.raises(ValueError, match="dtype"):
-        fused.rope_store_(q, k.float(), v, pos, cos, sin, kc, vc, slots)
+        rotary.rope_store_(q, k.float(), v, pos, cos, sin, kc, vc, slots)
     before = kc.clone()
-    fused.rope_store_(q[:0], k[:0], v[:0], pos[:0], cos, sin, kc, vc, slots[:0])  # no tokens: no launch
+    rotary.rope_store_(q[:0], k[:0], v[:0], pos[:0], cos, sin, kc, vc, slots[:0])  # no tokens: no launch
     assert torch.equal(kc, before)
 
 
@@ -265,13 +265,13 @@ def test_decoder_fused_rope_store_equals_unfused_path(family: str, dtype: torch.
         return cache
 
     calls = {"n": 0, "writes": 0}
-    real = fused.rope_store_
+    real = rotary.rope_store_
 
     def counting(*args, **kwargs) -> None:
         calls["n"] += 1
         real(*args, **kwargs)
 
-    monkeypatch.setattr(fused, "rope_store_", counting)
+    monkeypatch.setattr(rotary, "rope_store_", counting)
     real_write = attention.write_kv
 
     def counting_write(*args, **kwargs) -> None:
