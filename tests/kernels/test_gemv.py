@@ -184,8 +184,9 @@ def test_row_parallel_pushes_from_the_gemv_or_publishes_and_alternates_regions()
     class Reducer(TPAllReduce):
         def __init__(self):
             super().__init__(None)
-            self.push, self.published, self.buf = True, [], torch.zeros(2, 8 * 32, dtype=torch.bfloat16)
-            self.push_tables = [torch.tensor([self.buf[s].data_ptr()]) for s in range(2)]  # one rank: own slot
+            self.push, self.published = True, []
+            self.buf = torch.zeros(2, 8 * 32, dtype=torch.bfloat16, device=DEVICE)
+            self.push_tables = [torch.tensor([self.buf[s].data_ptr()], device=DEVICE) for s in range(2)]  # own slot
 
         def can_fuse(self, rows, hidden, dtype):
             return True
@@ -200,12 +201,12 @@ def test_row_parallel_pushes_from_the_gemv_or_publishes_and_alternates_regions()
     lin = RowParallelLinear(64, 32, bias=False)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(32, 64, generator=g) * 0.1)
-    lin = lin.to(torch.bfloat16)
+    lin = lin.to(DEVICE, torch.bfloat16)
     lin.use_gemv(True)
     lin.reduce = red = Reducer()
     for site, rows in ((0, 1), (1, 3), (0, 1)):
         lin.site = site
-        x = torch.randn(rows, 64, generator=g).to(torch.bfloat16)
+        x = torch.randn(rows, 64, generator=g).to(torch.bfloat16).to(DEVICE)
         with torch.inference_mode():
             got = lin(x)
         assert isinstance(got, PendingSum) and got.site == site
@@ -213,4 +214,4 @@ def test_row_parallel_pushes_from_the_gemv_or_publishes_and_alternates_regions()
         within_a_rounding_step(got.partial, x, lin.weight)
     assert red.published == [(1, 3)]  # the one-row sums were pushed by the GEMV itself
     with pytest.raises(RuntimeError, match="in a row on region 0"), torch.inference_mode():
-        lin(torch.randn(1, 64, generator=g).to(torch.bfloat16))
+        lin(torch.randn(1, 64, generator=g).to(torch.bfloat16).to(DEVICE))
