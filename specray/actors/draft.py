@@ -34,7 +34,7 @@ import torch
 
 from specray.actors import world as W
 from specray.config import EngineConfig, SpeculativeConfig
-from specray.engine.sampler import Sampler
+from specray.engine.sampler import Sampler, first_argmax
 from specray.engine.sampling_params import SamplingParams
 from specray.models.arch import ModelArch
 from specray.spec.draft_model import DraftModelProposer, _path
@@ -293,7 +293,7 @@ class DraftWorker:
             # the draft's next token after its leaf (K/V written to the leaf's own tree slot)
             logits = forward_tree_nodes(self.proposer.runner, st.pages, tree, [leaf], snaps[r].ctx_len)
             st.expanded = {**st.expanded, _path(tree, leaf): leaf}
-            results.append(AcceptResult(path, int(logits[0].argmax())))
+            results.append(AcceptResult(path, int(first_argmax(logits[:1])[0])))
         self.stats["guesses"] += 1
         self._commit(rids, results, {})
         seqs = []

@@ -6,7 +6,7 @@ scheduler, the speculative decoder and the sampler, and its `PlanRunner` broadca
 forward, a small host-side plan over `tp_cpu_group`:
 
     ("eager",  (host inputs, decode_only, sample_rows), moves)   prefill / decode, eager
-    ("replay", (host inputs,), moves)                            decode through the CUDA graph
+    ("replay", (host inputs but the tables, table delta), moves) decode through the CUDA graph
     ("tokens", (forward_tokens kwargs,), moves)                  eager tree verification (tree masks on host)
     ("verify", (N, sizes, capture layer, size, staged), moves)   tree verification through the CUDA graph
     ("scores", (items, chunk_size), moves)                       retrieval chunk scores
@@ -89,8 +89,10 @@ class PlanRunner(ModelRunner):
         return super().run_eager(inputs, decode_only, sample_rows)
 
     def replay(self, inputs: HostInputs) -> torch.Tensor:
-        self._announce("replay", inputs)
-        return super().replay(inputs)
+        # the page tables travel as a delta against the graphs' table, which every rank mirrors
+        delta = self.table_delta(inputs)
+        self._announce("replay", inputs[:5], delta)
+        return self.replay_delta(inputs[:5], delta)
 
     def forward_tokens(self, pages, tokens, positions, cache_positions, seq_lens, trees=None, logits_rows=None,
                        capture_layer=None) -> torch.Tensor:
@@ -219,9 +221,9 @@ class ShardEngine(LLMEngine):
         self.graph_serial += 1
         serial, runner = self.graph_serial, self.runner  # the serial names this set of graphs to the followers
 
-        def announce(size: int, width: int, rows: list[int]) -> None:
+        def announce(size: int, rows: list[int]) -> None:
             runner._announce("verify", serial, graphs.n, graphs.sizes, graphs.capture_layer, size,
-                             graphs.staged(size, width), rows)
+                             graphs.staged(size), rows)
 
         graphs.announce = announce
         return graphs
@@ -262,7 +264,7 @@ def follow(engine: ShardEngine) -> None:
         if op == "eager":
             runner.run_eager(*args)
         elif op == "replay":
-            runner.replay(*args)
+            runner.replay_delta(*args)
         elif op == "tokens":
             kw = dict(args[0])
             if kw["trees"] is not None:

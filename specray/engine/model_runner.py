@@ -14,6 +14,7 @@ import torch
 
 from specray.engine.attention import AttentionBackend, AttentionMetadata, TreeAttention
 from specray.engine.kv_cache import SCRATCH_PAGE, KVCache, pages_needed
+from specray.engine.page_table import PageTableMirror, TableDelta
 from specray.engine.sampler import Sampler
 from specray.engine.scheduler import ScheduledBatch
 from specray.models.decoder import DecoderLM
@@ -198,11 +199,11 @@ class ModelRunner:
         dev = self.device
         # one pinned host staging buffer and one device buffer: a single H2D copy per step
         self.h_inputs = torch.zeros(4, max_bs, dtype=torch.int64, pin_memory=True)
-        self.h_table = torch.zeros(max_bs, self.max_pages, dtype=torch.int32, pin_memory=True)
+        self.tables = PageTableMirror(max_bs, self.max_pages, dev)  # [max_bs, P], uploaded as deltas
         self.g_inputs = torch.zeros(4, max_bs, dtype=torch.int64, device=dev)
         self.g_ids, self.g_pos, self.g_slots = self.g_inputs[0], self.g_inputs[1], self.g_inputs[2]  # slot 0: scratch
         self.g_seq_lens = torch.ones(max_bs, dtype=torch.int32, device=dev)
-        self.g_table = torch.zeros(max_bs, self.max_pages, dtype=torch.int32, device=dev)
+        self.g_table = self.tables.device_table
         self.g_logits: dict[int, torch.Tensor] = {}
         pool = None
         for bs in reversed(self.graph_batch_sizes):
@@ -228,7 +229,15 @@ class ModelRunner:
 
     def replay(self, inputs: HostInputs) -> torch.Tensor:
         """Decode step through the captured graph of the smallest size that fits; logits [bs, V]."""
-        ids, positions, slots, _, seq_lens, table = inputs
+        return self.replay_delta(inputs[:5], self.table_delta(inputs))
+
+    def table_delta(self, inputs: HostInputs) -> TableDelta:
+        """What `inputs`' page tables change in the graphs' device table (padding rows: emptied)."""
+        return self.tables.diff(inputs[5], self._graph_size(len(inputs[4])))
+
+    def replay_delta(self, inputs: tuple[list[int], ...], delta: TableDelta) -> torch.Tensor:
+        """`replay` with the page tables given as a delta against the graphs' device table."""
+        ids, positions, slots, _, seq_lens = inputs
         bs = len(seq_lens)
         size = self._graph_size(bs)
         pad = size - bs
@@ -236,11 +245,8 @@ class ModelRunner:
         h[:, :size] = torch.tensor(
             [ids + [0] * pad, positions + [0] * pad, slots + [0] * pad, seq_lens + [1] * pad], dtype=torch.int64
         )
-        self.h_table[:size].zero_()
-        width = len(table[0])
-        self.h_table[:bs, :width] = torch.tensor(table, dtype=torch.int32)
         self.g_inputs[:, :size].copy_(h[:, :size], non_blocking=True)
         self.g_seq_lens[:size].copy_(self.g_inputs[3, :size])  # int64 -> int32 on the device
-        self.g_table[:size].copy_(self.h_table[:size], non_blocking=True)
+        self.tables.apply(delta)
         self.graphs[size].replay()
         return self.g_logits[size][:bs]

@@ -116,6 +116,23 @@ def sample_from_probs(
     return (probs.float() / noise).argmax(dim=-1)
 
 
+def first_argmax(logits: Tensor) -> Tensor:
+    """`logits.argmax(-1)` (the first index of each row's maximum) in two stages. logits: [S, V] -> [S] int64.
+
+    One row of a 128K vocabulary is a single reduction of 128K elements; torch reduces it in about
+    27 us on an H200. Viewed as [S, V / c, c] the chunk maxima reduce in parallel, then the argmax of
+    the chunk maxima picks the first chunk holding the row maximum, and that chunk's own first argmax
+    is the row's first argmax (NaN, the largest value to torch.max, is picked the same way).
+    """
+    num_rows, vocab = logits.shape
+    chunk = next((c for c in (512, 256, 128, 64) if vocab % c == 0 and vocab >= 8 * c), 0)
+    if not chunk:
+        return logits.argmax(dim=-1)
+    vals, idx = logits.reshape(num_rows, vocab // chunk, chunk).max(dim=-1)  # [S, V / c] each
+    best = vals.argmax(dim=-1, keepdim=True)  # [S, 1]
+    return (best * chunk + idx.gather(1, best)).squeeze(1)
+
+
 class Sampler:
     """Picks the next token of each row: argmax for greedy rows, a warped draw for the others."""
 
@@ -133,7 +150,7 @@ class Sampler:
         if len(params) != num_rows or len(generators) != num_rows:
             raise ValueError(f"sampler got {num_rows} logit rows, {len(params)} params, {len(generators)} generators")
         logits = logits.float()
-        tokens = logits.argmax(dim=-1)  # [S]; final for greedy rows
+        tokens = first_argmax(logits)  # [S]; final for greedy rows
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if not rows:
             return tokens

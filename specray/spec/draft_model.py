@@ -28,6 +28,7 @@ from specray.config import SpeculativeConfig
 from specray.engine.attention import TorchAttentionBackend, TritonAttentionBackend, gather_kv
 from specray.engine.kv_cache import KVCache, KVCacheSpec, PageAllocator, pages_needed
 from specray.engine.model_runner import ModelRunner
+from specray.engine.sampler import first_argmax
 from specray.engine.sequence import Sequence
 from specray.errors import ConfigError
 from specray.models.arch import ModelArch
@@ -211,7 +212,7 @@ class DraftModelProposer:
                 )  # [B, V]
             sampled = [b for b, seq in enumerate(seqs) if not seq.params.greedy]
             probs = warp_rows(logits[sampled], [seqs[b].params for b in sampled]) if sampled else None
-            greedy = logits.argmax(dim=-1).tolist()
+            greedy = first_argmax(logits).tolist()
             for b, (seq, st) in enumerate(zip(seqs, states, strict=True)):
                 st.expanded[tuple(tokens[b])] = depth
                 if seq.params.greedy:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from specray.engine.sampler import first_argmax
 from specray.spec.trees import sample_tokens
 from specray.spec.types import AcceptResult, DraftTree
 
@@ -66,7 +67,7 @@ def verify_greedy(tree: DraftTree, target_logits: Tensor) -> AcceptResult:
     the lowest id). Moves from the root to the first child carrying the target's argmax while one
     exists; the bonus is the argmax at the last accepted node."""
     _check(tree, target_logits, "target_logits")
-    return _walk(tree, target_logits.argmax(dim=-1).tolist())
+    return _walk(tree, first_argmax(target_logits).tolist())
 
 
 def verify_sampling(
@@ -184,7 +185,7 @@ def verify_batch(
     if greedy_ids:
         for i in greedy_ids:
             _check(trees[i], parts[i], f"targets[{i}]")
-        argmax = torch.cat([parts[i].argmax(dim=-1) for i in greedy_ids]).tolist()
+        argmax = torch.cat([first_argmax(parts[i]) for i in greedy_ids]).tolist()
         offset = 0
         for i in greedy_ids:
             n = trees[i].num_nodes

@@ -16,6 +16,7 @@ import torch
 
 from specray.engine.attention import AttentionMetadata, TreeBatch
 from specray.engine.kv_cache import SCRATCH_PAGE
+from specray.engine.page_table import PageTableMirror, TableDelta
 from specray.engine.sequence import Sequence
 from specray.spec.types import DraftTree
 
@@ -36,19 +37,20 @@ class VerifyGraphs:
         self.h_seq = torch.zeros(b_max, dtype=torch.int64, pin_memory=True)  # prefix lengths
         self.h_tree_slots = torch.zeros(b_max, n, dtype=torch.int64, pin_memory=True)
         self.h_mask = torch.zeros(b_max, n, n, dtype=torch.bool, pin_memory=True)
-        self.h_tables = torch.zeros(b_max, self.max_pages, dtype=torch.int32, pin_memory=True)
         self.d_tok = torch.zeros_like(self.h_tok, device=dev)
         self.d_seq = torch.zeros(b_max, dtype=torch.int64, device=dev)
         self.d_tree_slots = torch.zeros(b_max, n, dtype=torch.int64, device=dev)
         self.d_mask = torch.eye(n, dtype=torch.bool, device=dev).repeat(b_max, 1, 1)
-        self.d_tables = torch.zeros(b_max, self.max_pages, dtype=torch.int32, device=dev)
+        self.tables = PageTableMirror(b_max, self.max_pages, dev)  # uploaded as deltas
+        self.d_tables = self.tables.device_table  # [b_max, P]
+        self.delta: TableDelta = []  # the staged batch's page-table changes
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.q_out: dict[int, torch.Tensor] = {}
         self._pool = None
-        # called before each launch with (size, page-table width, real rows): a tensor-parallel leader
-        # sends the staged inputs to its followers
-        self.announce: Callable[[int, int, list[int]], None] | None = None
+        # called before each launch with (size, real rows): a tensor-parallel leader sends the staged
+        # inputs to its followers
+        self.announce: Callable[[int, list[int]], None] | None = None
 
     def size_for(self, batch: int) -> int | None:
         return next((s for s in self.sizes if s >= batch), None)
@@ -93,6 +95,7 @@ class VerifyGraphs:
                 self.q_out[b] = self.engine.backend.captured_q
         self._pool = graph.pool()
         self.graphs[b] = graph
+        self.tables.restore()  # the warm-up zeroed the device tables; the mirror's host copy is the truth
 
     def _stage(self, seqs: list[Sequence], trees: list[DraftTree], prefix: list[int], size: int) -> list[int]:
         """Fill the pinned host buffers for a batch padded to `size`; the rows of the real nodes."""
@@ -101,8 +104,8 @@ class VerifyGraphs:
         self.h_tok[:, : size * n].zero_()
         self.h_tree_slots[:size].zero_()
         self.h_mask[:size] = torch.eye(n, dtype=torch.bool)
-        self.h_tables[:size].zero_()
         self.h_seq[:size].zero_()
+        self.delta = self.tables.diff([seq.pages for seq in seqs], size)
         rows: list[int] = []
         for i, (seq, tree, p) in enumerate(zip(seqs, trees, prefix, strict=True)):
             k = tree.num_nodes
@@ -114,7 +117,6 @@ class VerifyGraphs:
             self.h_tok[2, base : base + n] = torch.tensor(slots)
             self.h_tree_slots[i] = torch.tensor(slots)
             self.h_mask[i, :k, :k] = tree.ancestor_mask()
-            self.h_tables[i, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
             self.h_seq[i] = p
             rows.extend(range(base, base + k))
         for i in range(len(seqs), size):  # padding sequences write into the scratch page
@@ -122,23 +124,22 @@ class VerifyGraphs:
             self.h_tree_slots[i] = SCRATCH_PAGE * ps
         return rows
 
-    def staged(self, size: int, width: int) -> tuple:
-        """The staged host inputs of a `size` batch as numpy arrays (page tables cut to `width` columns),
-        for a tensor-parallel follower's `load_staged`."""
+    def staged(self, size: int) -> tuple:
+        """The staged host inputs of a `size` batch as numpy arrays, and the page-table delta, for a
+        tensor-parallel follower's `load_staged` (its mirror has seen the same deltas)."""
         n = self.n
         return (self.h_tok[:, : size * n].numpy().copy(), self.h_seq[:size].numpy().copy(),
                 self.h_tree_slots[:size].numpy().copy(), self.h_mask[:size].numpy().copy(),
-                self.h_tables[:size, :width].numpy().copy())
+                self.delta)
 
     def load_staged(self, size: int, arrays: tuple) -> None:
-        tok, seq, tree_slots, mask, tables = (torch.from_numpy(a) for a in arrays)
+        tok, seq, tree_slots, mask = (torch.from_numpy(a) for a in arrays[:4])
+        self.delta = arrays[4]
         n = self.n
         self.h_tok[:, : size * n] = tok
         self.h_seq[:size] = seq
         self.h_tree_slots[:size] = tree_slots
         self.h_mask[:size] = mask
-        self.h_tables[:size].zero_()
-        self.h_tables[:size, : tables.shape[1]] = tables
 
     def launch(self, size: int) -> None:
         """Capture the `size` graph on first use, copy the staged inputs to the device and replay it."""
@@ -149,7 +150,7 @@ class VerifyGraphs:
         self.d_seq[:size].copy_(self.h_seq[:size], non_blocking=True)
         self.d_tree_slots[:size].copy_(self.h_tree_slots[:size], non_blocking=True)
         self.d_mask[:size].copy_(self.h_mask[:size], non_blocking=True)
-        self.d_tables[:size].copy_(self.h_tables[:size], non_blocking=True)
+        self.tables.apply(self.delta)
         self.graphs[size].replay()
 
     @torch.inference_mode()
@@ -161,7 +162,7 @@ class VerifyGraphs:
         size = self.size_for(len(seqs))
         rows = self._stage(seqs, trees, prefix, size)
         if self.announce is not None:
-            self.announce(size, max(len(s.pages) for s in seqs), rows)
+            self.announce(size, rows)
         self.launch(size)
         index = torch.tensor(rows, dtype=torch.int64, device=self.engine.device)
         q = self.q_out[size][index] if self.capture_layer is not None else None

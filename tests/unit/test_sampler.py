@@ -258,3 +258,24 @@ def test_compute_logprobs():
     assert lp.dtype == torch.float32 and lp.shape == (3, 50)
     torch.testing.assert_close(lp, torch.log_softmax(logits.float(), -1))
     torch.testing.assert_close(lp.exp().sum(-1), torch.ones(3))
+
+
+@pytest.mark.parametrize("vocab", [128256, 151936, 49152, 4096, 1000, 300])
+def test_first_argmax_is_torch_argmax_with_ties_and_nan(vocab):
+    """The two-stage argmax returns torch's first index of the row maximum (oracle: `Tensor.argmax`), also
+    when the maximum repeats across and inside chunks, and with NaN (torch's largest value)."""
+    from specray.engine.sampler import first_argmax
+
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(6, vocab, generator=g)
+    top = logits.max() + 1
+    logits[1, [vocab - 1, vocab // 2, 7]] = top  # a repeated maximum: the first (7) wins
+    logits[2, [5, 6]] = top  # two inside one chunk
+    logits[3] = 0.0  # all equal: index 0
+    logits[4, [vocab - 3, 11]] = float("nan")
+    logits[5, vocab - 1] = top  # the very last index
+    want = logits.argmax(dim=-1)
+    assert want[1] == 7 and want[2] == 5 and want[3] == 0 and want[5] == vocab - 1
+    assert torch.equal(first_argmax(logits), want)
+    assert torch.equal(first_argmax(logits.to(torch.bfloat16)), logits.to(torch.bfloat16).argmax(dim=-1))
+    assert torch.equal(first_argmax(logits[2:5]), want[2:5])  # a row slice of a larger buffer
