@@ -9,7 +9,9 @@ Sections (each writes `<out>/<section>.json`):
                TP=1 and TP=2 (driver-observed decode ms/token and the leader's step time), ratio TP2/TP1.
   overhead     TP=1 with a colocated draft: in-process LLMEngine vs DistributedEngine (same config), ms per
                speculative step, with the leader's breakdown (plan broadcast, draft exchange, retrieval
-               scores, draft/verify/commit), plus TP=1 with the draft on its own GPU.
+               scores, draft/verify/commit), plus TP=1 with the draft on its own GPU. The arm
+               `inprocess_actor` runs the in-process engine inside a Ray worker process (one GPU, no
+               control plane): it separates what the worker process costs from what the control plane costs.
   pair         real Qwen2.5-Coder-1.5B target TP=2 with the 0.5B draft (Cross-model Retrieval): separate
                draft without overlap, separate with overlap, colocated; decode tokens/s at --pair-context
                (16K), code-completion prompt, all in one run. Needs --target/--draft (and --tokenizer).
@@ -244,6 +246,17 @@ def run_inprocess(cfg, prompt, n, warm: list[int]) -> dict[str, Any]:
     return row
 
 
+def run_inprocess_in_actor(cfg, prompt, n, warm: list[int], ray_address: str | None) -> dict[str, Any]:
+    """`run_inprocess` in a Ray task on one GPU: the in-process engine in a Ray worker process."""
+    import ray
+
+    from specray.actors.placement import connect
+
+    connect(ray_address)
+    # max_calls=1: the worker exits after the run, freeing its GPU memory and CUDA context
+    return ray.get(ray.remote(num_gpus=1, max_calls=1)(run_inprocess).remote(cfg, prompt, n, warm))
+
+
 def median_round(rounds: list[dict], key: str, *also: str) -> dict[str, Any]:
     """The round whose `key` is the median (of an even count, the upper one), plus `rounds_<field>`: every
     round's value of `key` and of each field in `also`, in run order."""
@@ -251,6 +264,10 @@ def median_round(rounds: list[dict], key: str, *also: str) -> dict[str, Any]:
     for field in (key, *also):
         row[f"rounds_{field}"] = [r[field] for r in rounds]
     return row
+
+
+OVERHEAD_ARMS = ("inprocess_colocated", "inprocess_actor", "distributed_colocated", "distributed_separate",
+                 "distributed_separate_long_spin")
 
 
 def first_divergence(a: list[int], b: list[int]) -> int:
@@ -272,6 +289,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--overhead-rounds", type=int, default=3,
                     help="overhead: rounds over all arms (fresh engines each); each arm reports its median round")
+    ap.add_argument("--overhead-arms", nargs="+", choices=OVERHEAD_ARMS, default=list(OVERHEAD_ARMS[:4]),
+                    help="overhead: the arms to run (inprocess_colocated is the baseline and always runs)")
     ap.add_argument("--latency-variants", nargs="*", default=["tp2_pull", "tp2_unfused", "tp2_nccl"],
                     help="latency variants besides tp1 and tp2")
     ap.add_argument("--latency-rounds", type=int, default=1,
@@ -352,6 +371,7 @@ def main() -> None:
         separate = engine_config(target, max_len, 1, draft_spec(draft, "separate"))
         arms = {  # a fresh engine per arm and round; the rounds interleave the arms, so drift hits all alike
             "inprocess_colocated": lambda: run_inprocess(colocated, prompt, args.tokens, warm),
+            "inprocess_actor": lambda: run_inprocess_in_actor(colocated, prompt, args.tokens, warm, args.ray_address),
             "distributed_colocated": lambda: run_distributed(colocated, prompt, args.tokens, args.ray_address, warm),
             "distributed_separate": lambda: run_distributed(separate, prompt, args.tokens, args.ray_address, warm),
             # the control plane's waits spin 50 ms (longer than any phase: neither side ever sleeps)
@@ -359,6 +379,7 @@ def main() -> None:
                 dataclasses.replace(separate, control_plane_spin_ms=50.0), prompt, args.tokens, args.ray_address,
                 warm),
         }
+        arms = {k: v for k, v in arms.items() if k == "inprocess_colocated" or k in args.overhead_arms}
         runs: dict[str, list[dict]] = {k: [] for k in arms}
         for _ in range(args.overhead_rounds):
             for name, arm in arms.items():
@@ -381,6 +402,10 @@ def main() -> None:
                for k in rows if k != "inprocess_colocated"},
             **{f"wall_overhead_ms_per_spec_step_{k.removeprefix('distributed_')}":
                    rows[k]["wall_ms_per_spec_step"] - wall for k in rows if k != "inprocess_colocated"},
+            # against the in-process engine in a worker process: what the control plane alone adds
+            **{f"control_plane_vs_actor_ms_per_spec_step_{k.removeprefix('distributed_')}":
+                   rows[k]["step_ms"] - rows["inprocess_actor"]["step_ms"]
+               for k in rows if "inprocess_actor" in rows and k.startswith("distributed_")},
             **{k: {kk: vv for kk, vv in v.items() if kk != "tokens"} for k, v in rows.items()}})
     if "pair" in args.sections:
         if not (args.target and args.draft):
