@@ -4,18 +4,12 @@ Owns no data: every test builds fresh random inputs (tests/support/sparse_inputs
 run under Triton's CPU interpreter (TRITON_INTERPRET=1), so the shapes are small; tests/gpu runs them at size.
 """
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from specray.kernels.chunk_scores import ChunkScores  # noqa: E402
-from specray.kernels.reference import chunk_scores_reference  # noqa: E402
-from tests.support.sparse_inputs import REL_TOL, paged_inputs  # noqa: E402
+from specray.kernels.chunk_scores import ChunkScores
+from specray.kernels.reference import chunk_scores_reference
+from tests.support.sparse_inputs import REL_TOL, paged_inputs
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16

@@ -2,20 +2,14 @@
 
 Owns no data: every test builds fresh random inputs (never zeros). Each kernel is checked against its
 ``*_ref`` in specray.kernels.fused and against an independent plain-torch formula written here. Without
-CUDA the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1, set before triton is imported), so
-the shapes are tiny; with CUDA the same tests run compiled on the GPU.
+CUDA the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1, which tests/conftest.py sets
+before triton is imported), so the shapes are tiny; with CUDA the same tests run compiled on the GPU.
 """
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from specray.kernels import fused, rotary  # noqa: E402
+from specray.kernels import fused, rotary
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 REL_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}

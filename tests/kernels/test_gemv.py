@@ -6,18 +6,12 @@ Triton's CPU interpreter on small shapes; with CUDA the same tests run compiled,
 projection shapes.
 """
 
-import os
-
+import pytest
 import torch
+import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from specray.kernels.gemv import GemvConfig, choose_config, gemv, gemv_ref  # noqa: E402
-from specray.models.decoder import Linear  # noqa: E402
+from specray.kernels.gemv import GemvConfig, choose_config, gemv, gemv_ref
+from specray.models.decoder import Linear
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

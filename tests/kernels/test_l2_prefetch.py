@@ -3,18 +3,12 @@ nothing but its sink. Without CUDA it runs under Triton's CPU interpreter. The o
 words sum to the sink's trigger value makes the kernel store that sum, so the loads really happened (and
 nowhere else)."""
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from specray.config import EngineConfig  # noqa: E402
-from specray.errors import ConfigError  # noqa: E402
-from specray.kernels.l2_prefetch import _BLOCK, l2_prefetch  # noqa: E402
+from specray.config import EngineConfig
+from specray.errors import ConfigError
+from specray.kernels.l2_prefetch import _BLOCK, l2_prefetch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TRIGGER = 0x7FFFFFFF

@@ -1,24 +1,18 @@
 """Correctness tests of the Triton paged decode attention against the dense torch reference.
 
 Owns no data: every test builds fresh random inputs. Without CUDA the kernels run under Triton's CPU
-interpreter (TRITON_INTERPRET=1, set before triton is imported), so the shapes are tiny; with CUDA the
-same tests run compiled on the GPU.
+interpreter (TRITON_INTERPRET=1, which tests/conftest.py sets before triton is imported), so the shapes are
+tiny; with CUDA the same tests run compiled on the GPU.
 """
 
-import os
+import math
+from dataclasses import dataclass
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import math  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-import pytest  # noqa: E402
-
-from specray.kernels.paged_decode import PagedDecodeAttention, choose_num_splits  # noqa: E402
-from specray.kernels.reference import paged_decode_reference  # noqa: E402
+from specray.kernels.paged_decode import PagedDecodeAttention, choose_num_splits
+from specray.kernels.reference import paged_decode_reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 REL_TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 1e-2}

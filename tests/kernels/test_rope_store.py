@@ -5,32 +5,26 @@ Owns no data: every test builds fresh random inputs and caches (never zeros). Th
 independent oracle (``rope_ref`` plus a plain torch index store into a copy of the cache), bit for bit; the
 decoder path with the fused store against the same model on the unfused path (``rope_`` then ``write_kv``),
 bit for bit, and against the dense torch reference backend. Without CUDA the kernels run under Triton's CPU
-interpreter (TRITON_INTERPRET=1, set before triton is imported), so the shapes are tiny.
+interpreter (TRITON_INTERPRET=1, which tests/conftest.py sets before triton is imported), so the shapes are tiny.
 """
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from specray.engine import attention  # noqa: E402
-from specray.engine.attention import (  # noqa: E402
+from specray.engine import attention
+from specray.engine.attention import (
     AttentionMetadata,
     TorchAttentionBackend,
     TreeAttention,
     TritonAttentionBackend,
     write_kv,
 )
-from specray.engine.kv_cache import KVCache, KVCacheSpec  # noqa: E402
-from specray.kernels import rotary  # noqa: E402
-from specray.models.arch import ModelArch  # noqa: E402
-from specray.models.decoder import DecoderLM  # noqa: E402
-from specray.spec.types import DraftTree  # noqa: E402
-from tests.support.tiny import hf_config  # noqa: E402
+from specray.engine.kv_cache import KVCache, KVCacheSpec
+from specray.kernels import rotary
+from specray.models.arch import ModelArch
+from specray.models.decoder import DecoderLM
+from specray.spec.types import DraftTree
+from tests.support.tiny import hf_config
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

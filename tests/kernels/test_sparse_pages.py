@@ -5,21 +5,15 @@ selection (larger column wins) is checked on built ties. Without CUDA the kernel
 interpreter (TRITON_INTERPRET=1), so the shapes are small; tests/gpu runs them at size.
 """
 
-import os
+from dataclasses import dataclass
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from dataclasses import dataclass  # noqa: E402
-
-import pytest  # noqa: E402
-
-from specray.kernels.page_stats import PageStats  # noqa: E402
-from specray.kernels.reference import page_stats_reference, paged_decode_reference  # noqa: E402
-from specray.kernels.sparse_pages import SparsePageAttention  # noqa: E402
-from tests.support.sparse_inputs import (  # noqa: E402
+from specray.kernels.page_stats import PageStats
+from specray.kernels.reference import page_stats_reference, paged_decode_reference
+from specray.kernels.sparse_pages import SparsePageAttention
+from tests.support.sparse_inputs import (
     REL_TOL,
     SparseCase,
     check_sparse,

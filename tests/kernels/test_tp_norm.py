@@ -9,19 +9,13 @@ independent float64 formula written here for closeness. Also checked: every rank
 residual is updated in place, the flags end at zero, and a rank waits for a late peer's partial.
 """
 
-import os
+import multiprocessing as mp
+import time
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import multiprocessing as mp  # noqa: E402
-import time  # noqa: E402
-
-import pytest  # noqa: E402
-
-from specray.kernels.tp_norm import (  # noqa: E402
+from specray.kernels.tp_norm import (
     MAX_HIDDEN,
     MAX_PROGRAMS,
     all_reduce_add_rms_norm,
