@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from specray.actors.probe import GcTimer, host_counters, probe
+
 
 def llama8b_hf_config(max_len: int, num_layers: int = 32) -> dict[str, Any]:
     return {
@@ -168,7 +170,7 @@ def leader_delta(before: dict, after: dict) -> dict[str, Any]:
         a, b = before.get(section, {}), after.get(section, {})
         return {k: b[k] - a.get(k, 0) for k in b if isinstance(b[k], (int, float))}
 
-    loop, plan, spec, dec = diff("loop"), diff("plan"), diff("spec"), diff("decode")
+    loop, plan, spec, dec, host = diff("loop"), diff("plan"), diff("spec"), diff("decode"), diff("host")
     steps = max(loop.get("num_steps", 0), 1)
     drafts = max(spec.get("num_drafts", 0), 1)
     out = {"leader_steps": loop.get("num_steps", 0), "leader_ms_per_step": 1e3 * loop.get("step_s", 0) / steps,
@@ -178,16 +180,30 @@ def leader_delta(before: dict, after: dict) -> dict[str, Any]:
             out[k.replace("_s", "_ms_per_spec_step")] = 1e3 * spec[k] / drafts
     if spec:
         out["spec_steps"] = spec.get("num_drafts", 0)
+    if host:  # the leader process over the window: GC, CPU time, context switches, per leader step
+        out["leader_host_per_step"] = host_per_step(host, steps)
     if dec.get("num_replays"):  # graphed decode steps: host before launch, wait for tokens, GPU time of the replay
         n = dec["num_replays"]
         out.update({f"decode_{k[:-2]}_ms": 1e3 * dec[k] / n for k in ("host_s", "wait_s", "gpu_s")})
     return out
 
 
+def host_per_step(host: dict[str, float], steps: int) -> dict[str, float]:
+    """A `probe.host_counters()` difference per step (ms for times, counts otherwise)."""
+    gc_ms = sum(host.get(f"gc{g}_s", 0.0) for g in range(3))
+    return {"gc_ms": 1e3 * gc_ms / steps, "gc2_passes": host.get("gc2_passes", 0) / steps,
+            "cpu_ms": 1e3 * (host.get("cpu_user_s", 0) + host.get("cpu_sys_s", 0)) / steps,
+            "involuntary_switches": host.get("involuntary_switches", 0) / steps,
+            "voluntary_switches": host.get("voluntary_switches", 0) / steps}
+
+
 def run_distributed(cfg, prompt, n, ray_address, warm: list[int], profile_steps: int = 0) -> dict[str, Any]:
     engine, graphs = start_distributed(cfg, ray_address)
     try:
         timed_run(engine, warm, 16)
+        probes = {"leader": engine._call(engine.shards[0].probe.remote())}
+        if engine.draft_actor is not None:
+            probes["draft"] = engine._call(engine.draft_actor.probe.remote())
         snap: list[dict] = []
 
         def at_first() -> None:
@@ -201,11 +217,14 @@ def run_distributed(cfg, prompt, n, ray_address, warm: list[int], profile_steps:
         before = snap[0]
         after = engine.stats()
         row.update(leader_delta(before, after), decode_graphs=graphs, all_reduce=after.get("all_reduce"),
-                   verify_graph_sizes=after.get("verify_graph_sizes"))
+                   verify_graph_sizes=after.get("verify_graph_sizes"), probes=probes)
         if "draft" in before:
             a, b = before["draft"], after["draft"]
             row["draft_actor"] = b
             steps = b["steps"] - a["steps"]
+            if steps and "host" in b:
+                row["draft_host_per_step"] = host_per_step(
+                    {k: v - a["host"].get(k, 0) for k, v in b["host"].items()}, steps)
             if steps and "busy_s" in b:  # the actor's own work per step; the rest of the leader's wait is exchange
                 row["draft_actor_busy_ms_per_step"] = 1e3 * (b["busy_s"] - a["busy_s"]) / steps
             if steps and "proposer" in b:  # where the actor's work goes (same spans as the in-process proposer)
@@ -220,17 +239,25 @@ def run_distributed(cfg, prompt, n, ray_address, warm: list[int], profile_steps:
 def run_inprocess(cfg, prompt, n, warm: list[int]) -> dict[str, Any]:
     from specray.engine.llm_engine import LLMEngine
 
+    GcTimer.install()
     engine = LLMEngine(cfg)
     timed_run(engine, warm, 16)
+    row_probe = probe(engine.device)
     snap: list = []
+    host0: list = []
 
     def at_first(spec=engine.spec) -> None:
+        host0.append(host_counters())
         snap.append((spec.stats.num_drafts, dict(spec.timings), dict(getattr(spec.proposer, "timings", {})),
                      getattr(spec.proposer, "num_refreshes", 0)) if spec else None)
 
     row = timed_run(engine, prompt, n, at_first=at_first)
+    host1 = host_counters()
     spec0 = snap[0]
     row["inprocess_ms_per_step"] = 1e3 * row["driver_decode_step_s"] / max(row["driver_decode_step_calls"], 1)
+    row["probes"] = {"inprocess": row_probe}
+    row["inprocess_host_per_step"] = host_per_step({k: v - host0[0][k] for k, v in host1.items()},
+                                                   max(row["driver_decode_step_calls"], 1))
     if spec0 is not None:
         drafts = max(engine.spec.stats.num_drafts - spec0[0], 1)
         for k, v in engine.spec.timings.items():

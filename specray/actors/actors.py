@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from specray.actors import world as W
+from specray.actors.probe import GcTimer, host_counters
 from specray.config import EngineConfig
 from specray.engine.sampling_params import SamplingParams
 
@@ -67,6 +68,13 @@ class _Member:
     def ping(self) -> bool:
         return True
 
+    def probe(self) -> dict[str, Any]:
+        """Host operation timings of this process (`probe.probe`), in a Ray call thread."""
+        from specray.actors.probe import probe
+
+        self._use_device()
+        return probe(self.device)
+
     def pid(self) -> int:
         return os.getpid()
 
@@ -85,6 +93,7 @@ class TargetShard(_Member):
     def build(self, config: EngineConfig) -> dict[str, Any]:
         from specray.actors.shard import ShardEngine
 
+        GcTimer.install()
         self._use_device()
         self.engine = ShardEngine(config, self.world)
         return {"num_pages": self.engine.cache.num_pages, "max_model_len": self.engine.max_model_len}
@@ -190,7 +199,7 @@ class TargetShard(_Member):
         stale), so a busy loop never delays it."""
         eng = self.engine
         out: dict[str, Any] = {"plan": dict(getattr(eng.runner, "timings", {})), "loop": dict(self.loop_timings),
-                               "decode": dict(eng.runner.decode_timings)}
+                               "decode": dict(eng.runner.decode_timings), "host": host_counters()}
         reduce = getattr(eng.model, "reduce", None)  # TP > 1: how the shards all-reduce
         out["all_reduce"] = None if reduce is None else (
             "symmetric memory" if reduce.uses_symmetric_memory else f"torch.distributed ({reduce.fallback_reason})")
@@ -232,6 +241,7 @@ class DraftHost(_Member):
         from specray.models.arch import ModelArch
         from specray.models.loader import load_checkpoint
 
+        GcTimer.install()
         self._use_device()
         arch = ModelArch.from_hf_config(load_checkpoint(config.model, load_tokenizer=False).hf_config)
         dtype = _DTYPES.get(config.dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -248,5 +258,6 @@ class DraftHost(_Member):
 
     def stats(self) -> dict[str, Any]:
         w = self.worker
-        return {**w.stats, "num_refreshes": w.proposer.num_refreshes, "kv_bytes": w.proposer.kv_bytes(),
+        return {**w.stats, "host": host_counters(), "num_refreshes": w.proposer.num_refreshes,
+                "kv_bytes": w.proposer.kv_bytes(),
                 "proposer": dict(w.proposer.timings)}

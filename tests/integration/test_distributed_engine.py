@@ -89,6 +89,9 @@ def _check_spec_run(engine: DistributedEngine, outs) -> None:
     assert stats["plan"]["num_plans"] > 0  # rank 0 drove the other shard through step plans
     assert all(o.spec_metrics is not None and o.spec_metrics["num_spec_steps"] > 0 for o in outs)
     assert engine.pages_in_use() == 0
+    # host counters of the leader and draft processes, and a probe run inside a follower's process
+    assert stats["host"]["cpu_user_s"] > 0 and stats["draft"]["host"]["cpu_user_s"] > 0
+    assert ray.get(engine.shards[1].probe.remote())["pid"] == engine.actor_pids()["shards"][1]
 
 
 def test_tp2_separate_draft_equals_single_rank_and_survives_a_killed_shard(cluster, models, prompts):
