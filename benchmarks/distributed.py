@@ -171,6 +171,7 @@ def leader_delta(before: dict, after: dict) -> dict[str, Any]:
         return {k: b[k] - a.get(k, 0) for k in b if isinstance(b[k], (int, float))}
 
     loop, plan, spec, dec, host = diff("loop"), diff("plan"), diff("spec"), diff("decode"), diff("host")
+    ahead = diff("async")
     steps = max(loop.get("num_steps", 0), 1)
     drafts = max(spec.get("num_drafts", 0), 1)
     out = {"leader_steps": loop.get("num_steps", 0), "leader_ms_per_step": 1e3 * loop.get("step_s", 0) / steps,
@@ -185,6 +186,8 @@ def leader_delta(before: dict, after: dict) -> dict[str, Any]:
     if dec.get("num_replays"):  # graphed decode steps: host before launch, wait for tokens, GPU time of the replay
         n = dec["num_replays"]
         out.update({f"decode_{k[:-2]}_ms": 1e3 * dec[k] / n for k in ("host_s", "wait_s", "gpu_s")})
+    if ahead:  # async scheduling: decode steps launched ahead, and of them used (the rest were dropped)
+        out["steps_launched_ahead"], out["steps_ahead_used"] = ahead["ahead_launched"], ahead["ahead_used"]
     return out
 
 
@@ -368,7 +371,9 @@ def main() -> None:
         # symmetric-memory all-reduce, then the norm; tp2_nccl: NCCL only
         variants = {"tp1": (1, {}), "tp2": (2, {}), "tp2_unfused": (2, {"fuse_allreduce_rmsnorm": False}),
                     "tp2_prefetch": (2, {"tp_weight_prefetch_mb": 24}), "tp2_pull": (2, {"tp_fused_sum": "pull"}),
-                    "tp2_nccl": (2, {"disable_custom_all_reduce": True})}
+                    "tp2_nccl": (2, {"disable_custom_all_reduce": True}),
+                    # without async scheduling: the host reads each step's tokens before it launches the next
+                    "tp1_sync": (1, {"async_scheduling": False}), "tp2_sync": (2, {"async_scheduling": False})}
         variants = {k: v for k, v in variants.items() if k in ("tp1", "tp2", *args.latency_variants)}
         runs: dict[str, list[dict]] = {k: [] for k in variants}
         for rnd in range(args.latency_rounds):  # fresh engines each round, the variants interleaved
@@ -389,6 +394,9 @@ def main() -> None:
                                                     for a, b in zip(runs["tp2"], runs["tp1"], strict=True)],
                          **{f"{k}_over_tp1_step_latency": v["leader_ms_per_step"] / rows["tp1"]["leader_ms_per_step"]
                             for k, v in rows.items() if k not in ("tp1", "tp2")},
+                         **({"tp2_sync_over_tp1_sync_step_latency": rows["tp2_sync"]["leader_ms_per_step"]
+                             / rows["tp1_sync"]["leader_ms_per_step"]}
+                            if {"tp1_sync", "tp2_sync"} <= rows.keys() else {}),
                          "tp2_over_tp1_driver_ms_per_token":
                              rows["tp2"]["decode_ms_per_token"] / rows["tp1"]["decode_ms_per_token"],
                          **{k: {kk: vv for kk, vv in v.items() if kk != "tokens"} for k, v in rows.items()}})

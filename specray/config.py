@@ -233,6 +233,9 @@ class EngineConfig:
     # control-plane waits (step plans, draft exchange) busy-check this long before sleeping; None: 2 ms on
     # GPUs, 0 on CPU (spinning waiters starve the gloo shards); see specray.actors.shm_channel
     control_plane_spin_ms: float | None = None
+    # greedy decode steps: launch step N+1 (its input ids the device-side argmax of step N) before the host
+    # reads step N's tokens, so scheduling and staging overlap the GPU (vLLM's name); None: on for CUDA
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, ("auto", "float32", "float16", "bfloat16"))
@@ -251,6 +254,8 @@ class EngineConfig:
         if spin is not None and (isinstance(spin, bool) or not isinstance(spin, (int, float))
                                  or not 0 <= spin <= 10_000):
             raise ConfigError(f"control_plane_spin_ms must be a number in [0, 10000] or null, got {spin!r}")
+        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
+            raise ConfigError(f"async_scheduling must be true, false or null, got {self.async_scheduling!r}")
         _check_choice("tp_fused_sum", self.tp_fused_sum, ("push", "pull"))
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
         _check_choice("attention_backend", self.attention_backend, ("auto", "torch", "triton"))

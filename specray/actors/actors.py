@@ -199,7 +199,8 @@ class TargetShard(_Member):
         stale), so a busy loop never delays it."""
         eng = self.engine
         out: dict[str, Any] = {"plan": dict(getattr(eng.runner, "timings", {})), "loop": dict(self.loop_timings),
-                               "decode": dict(eng.runner.decode_timings), "host": host_counters()}
+                               "decode": dict(eng.runner.decode_timings), "host": host_counters(),
+                               "async": dict(eng.async_stats)}
         reduce = getattr(eng.model, "reduce", None)  # TP > 1: how the shards all-reduce
         out["all_reduce"] = None if reduce is None else (
             "symmetric memory" if reduce.uses_symmetric_memory else f"torch.distributed ({reduce.fallback_reason})")

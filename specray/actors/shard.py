@@ -7,6 +7,9 @@ forward, a small host-side plan over `tp_cpu_group`:
 
     ("eager",  (host inputs, decode_only, sample_rows), moves)   prefill / decode, eager
     ("replay", (host inputs but the tables, table delta), moves) decode through the CUDA graph
+    ("eager_ahead" / "replay_ahead", same args, moves)           a decode step launched before the leader
+                                                                 read the last one's tokens: its input ids
+                                                                 are the argmax of the last decode logits
     ("tokens", (forward_tokens kwargs,), moves)                  eager tree verification (tree masks on host)
     ("verify", (N, sizes, capture layer, size, staged), moves)   tree verification through the CUDA graph
     ("scores", (items, chunk_size), moves)                       retrieval chunk scores
@@ -34,6 +37,7 @@ from specray.engine.attention import TreeAttention, gather_kv
 from specray.engine.kv_cache import KVCacheSpec
 from specray.engine.llm_engine import LLMEngine
 from specray.engine.model_runner import HostInputs, ModelRunner
+from specray.engine.sampler import first_argmax
 from specray.errors import ConfigError
 from specray.models.checkpoint import Checkpoint
 from specray.models.decoder import DecoderLM
@@ -84,15 +88,17 @@ class PlanRunner(ModelRunner):
         self.timings["plan_s"] += time.perf_counter() - t0
         self.timings["num_plans"] += 1
 
-    def run_eager(self, inputs: HostInputs, decode_only: bool, sample_rows: list[int] | None) -> torch.Tensor:
-        self._announce("eager", inputs, decode_only, sample_rows)
-        return super().run_eager(inputs, decode_only, sample_rows)
+    def run_eager(self, inputs: HostInputs, decode_only: bool, sample_rows: list[int] | None,
+                  ids_dev: torch.Tensor | None = None) -> torch.Tensor:
+        # ids on the device (a step launched ahead): every rank takes the argmax of its own last logits
+        self._announce("eager" if ids_dev is None else "eager_ahead", inputs, decode_only, sample_rows)
+        return super().run_eager(inputs, decode_only, sample_rows, ids_dev)
 
-    def replay(self, inputs: HostInputs) -> torch.Tensor:
+    def replay(self, inputs: HostInputs, ids: torch.Tensor | None = None) -> torch.Tensor:
         # the page tables travel as a delta against the graphs' table, which every rank mirrors
         delta = self.table_delta(inputs)
-        self._announce("replay", inputs[:5], delta)
-        return self.replay_delta(inputs[:5], delta)
+        self._announce("replay" if ids is None else "replay_ahead", inputs[:5], delta)
+        return self.replay_delta(inputs[:5], delta, ids)
 
     def forward_tokens(self, pages, tokens, positions, cache_positions, seq_lens, trees=None, logits_rows=None,
                        capture_layer=None) -> torch.Tensor:
@@ -255,6 +261,7 @@ class ShardEngine(LLMEngine):
 def follow(engine: ShardEngine) -> None:
     """A follower's loop: execute the leader's plans until "stop"."""
     runner, plan = engine.runner, engine.world.plan
+    last = None  # logits of the last decode forward: "_ahead" plans take their argmax as input ids
     while True:
         op, args, moves = plan.read()
         for pages, prefix_len, path in moves:
@@ -262,9 +269,13 @@ def follow(engine: ShardEngine) -> None:
         if op == "stop":
             return
         if op == "eager":
-            runner.run_eager(*args)
+            last = runner.run_eager(*args)
         elif op == "replay":
-            runner.replay_delta(*args)
+            last = runner.replay_delta(*args)
+        elif op == "eager_ahead":  # the logits are all-gathered: every rank's argmax is the leader's
+            last = runner.run_eager(*args, first_argmax(last))
+        elif op == "replay_ahead":
+            last = runner.replay_delta(*args, first_argmax(last))
         elif op == "tokens":
             kw = dict(args[0])
             if kw["trees"] is not None:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
 from specray.config import EngineConfig, SpeculativeConfig
 from specray.engine.attention import TorchAttentionBackend, TritonAttentionBackend
 from specray.engine.kv_cache import KVCache, KVCacheSpec, PageAllocator, num_pages_for, pages_needed
-from specray.engine.model_runner import ModelRunner
+from specray.engine.model_runner import DecodeLaunch, ModelRunner
 from specray.engine.sampler import Sampler
 from specray.engine.sampling_params import SamplingParams
 from specray.engine.scheduler import ScheduledBatch, Scheduler
@@ -92,6 +93,10 @@ class LLMEngine:
             graph_sizes = config.graph_batch_sizes()
         self.runner = self._build_runner(graph_sizes)
         self.seqs: dict[str, Sequence] = {}
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self.device.type == "cuda")
+        self._ahead: _Ahead | None = None  # a greedy decode step launched before its batch was scheduled
+        self.async_stats = {"ahead_launched": 0, "ahead_used": 0}  # launched ahead; of them, used (not dropped)
         self.spec = None  # SpeculativeDecoder when speculative_config.method != none
         if config.speculative_config is not None and config.speculative_config.method != "none":
             from specray.spec.step import SpeculativeDecoder
@@ -211,6 +216,7 @@ class LLMEngine:
 
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        ahead, self._ahead = self._ahead, None
         batch = self.scheduler.schedule()
         outputs: list[RequestOutput] = []
         for seq in batch.out_of_pages:
@@ -235,7 +241,16 @@ class LLMEngine:
                     outputs.append(self._output(seq, kept))
                 self._drop_finished(batch.seqs)
                 return outputs
-        sampled = self.runner.execute(batch)
+        if self._async_greedy(batch):
+            if ahead is not None and ahead.matches(batch):
+                self.async_stats["ahead_used"] += 1
+            else:  # none, or the batch changed: run it now
+                ahead = _Ahead(list(batch.seqs), [s.num_computed for s in batch.seqs],
+                               self.runner.launch_greedy_decode(self.runner.batch_inputs(batch)))
+            self._ahead = self._launch_ahead(batch, ahead.launch)  # before this step's tokens are read
+            sampled = self.runner.collect(ahead.launch)
+        else:
+            sampled = self.runner.execute(batch)
         for seq, n, token in zip(batch.seqs, batch.num_new_tokens, sampled, strict=True):
             seq.num_computed += n
             if token is None:
@@ -244,6 +259,33 @@ class LLMEngine:
             outputs.append(self._output(seq, [token]))
         self._drop_finished(batch.seqs)
         return outputs
+
+    def _async_greedy(self, batch: ScheduledBatch) -> bool:
+        """A decode step of greedy rows only, without speculation: it can run launched ahead."""
+        return (self.async_scheduling and self.spec is None and batch.decode_only
+                and all(s.params.greedy and s.num_computed + 1 == s.num_tokens for s in batch.seqs))
+
+    def _launch_ahead(self, batch: ScheduledBatch, launch: DecodeLaunch) -> _Ahead | None:
+        """Launch the step after `batch`'s, taking `launch`'s device tokens as input ids, when that step
+        will be scheduled as is: nothing waits for admission, no sequence ends by length with this
+        token, and pages for one more token are free (allocated now; the scheduler finds them). A
+        sequence that stops on a token, or an abort, changes the next batch, and the step is dropped:
+        its K/V writes land where the next step writes again, or in freed pages whose next owner writes
+        after it on the same stream."""
+        if self.scheduler.waiting:
+            return None
+        ps = self.cache.spec.page_size
+        need = [pages_needed(s.num_computed + 2, ps) - len(s.pages) for s in batch.seqs]
+        if any(len(s.output_ids) + 2 > s.max_output_tokens for s in batch.seqs) or not self.allocator.can_allocate(
+                sum(n for n in need if n > 0)):
+            return None
+        for seq, n in zip(batch.seqs, need, strict=True):
+            if n > 0:
+                seq.pages.extend(self.allocator.allocate(n))
+        starts = [s.num_computed + 1 for s in batch.seqs]
+        inputs = self.runner.host_inputs([s.pages for s in batch.seqs], [[0]] * len(starts), starts)
+        self.async_stats["ahead_launched"] += 1
+        return _Ahead(list(batch.seqs), starts, self.runner.launch_greedy_decode(inputs, launch.tokens))
 
     def _drop_finished(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
@@ -339,6 +381,19 @@ class LLMEngine:
 
     def running_request_ids(self) -> list[str]:
         return [s.request_id for s in self.seqs.values() if s.status is SequenceStatus.RUNNING]
+
+
+@dataclass
+class _Ahead:
+    """A launched greedy decode step: valid for a batch of the same sequences at the same positions."""
+
+    seqs: list[Sequence]
+    starts: list[int]  # the position each sequence computes
+    launch: DecodeLaunch
+
+    def matches(self, batch: ScheduledBatch) -> bool:
+        return (len(batch.seqs) == len(self.seqs) and all(a is b for a, b in zip(batch.seqs, self.seqs, strict=True))
+                and [s.num_computed for s in batch.seqs] == self.starts)
 
 
 def generate_all(

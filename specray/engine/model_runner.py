@@ -4,24 +4,42 @@ Owns the device-side step inputs (flat `input_ids [T]`, `positions [T]`, `slot_m
 tables `[S, P]`, `seq_lens [S]`), and on CUDA the captured decode graphs with their static buffers,
 one graph per batch size in `cuda_graph_batch_sizes` (a batch is padded up to the next size;
 padding rows write into the scratch page).
+
+Greedy decode steps can also be launched without waiting for them (`launch_greedy_decode`, then
+`collect`): the tokens stay on the device, where the next step can take them as its input ids, and
+a pinned copy reaches the host when the step is done. The engine uses this to launch step N+1
+before it reads step N's tokens (`EngineConfig.async_scheduling`). Host staging buffers are
+therefore rewritten only after the device has read their previous contents (an event each).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
 from specray.engine.attention import AttentionBackend, AttentionMetadata, TreeAttention
 from specray.engine.kv_cache import SCRATCH_PAGE, KVCache, pages_needed
 from specray.engine.page_table import PageTableMirror, TableDelta
-from specray.engine.sampler import Sampler
+from specray.engine.sampler import Sampler, first_argmax
 from specray.engine.scheduler import ScheduledBatch
 from specray.models.decoder import DecoderLM
 
 # flat step inputs built on the host: ids [T], positions [T], slots [T], query_start_loc [S+1],
 # seq_lens [S], page table [S][P]
 HostInputs = tuple[list[int], list[int], list[int], list[int], list[int], list[list[int]]]
+
+
+@dataclass
+class DecodeLaunch:
+    """A greedy decode step queued on the device whose tokens the host has not read yet."""
+
+    tokens: torch.Tensor  # [bs] int64 on the device: the step's greedy tokens
+    host_tokens: torch.Tensor  # [bs] int64 on the host (pinned on CUDA), valid once `done` has passed
+    done: torch.cuda.Event | None  # recorded after the device-to-host copy (None on CPU: already done)
+    replay_events: tuple[torch.cuda.Event, torch.cuda.Event] | None  # a graph replay's start and end
+    host_s: float  # host time spent launching it
 
 
 class ModelRunner:
@@ -49,9 +67,11 @@ class ModelRunner:
         if self.graph_batch_sizes:
             self._capture_graphs()
             self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self._staged = torch.cuda.Event()  # recorded after the device read `h_inputs`
+            self._staged.record()
 
     # ---- inputs --------------------------------------------------------------------------------
-    def _host_inputs(self, batch: ScheduledBatch) -> HostInputs:
+    def batch_inputs(self, batch: ScheduledBatch) -> HostInputs:
         seqs, counts = batch.seqs, batch.num_new_tokens
         tokens = [s.token_slice(s.num_computed, s.num_computed + n) for s, n in zip(seqs, counts, strict=True)]
         return self.host_inputs([s.pages for s in seqs], tokens, [s.num_computed for s in seqs])
@@ -86,7 +106,7 @@ class ModelRunner:
             if s.num_computed + n == s.num_tokens
         ]
         t0 = time.perf_counter()
-        inputs = self._host_inputs(batch)
+        inputs = self.batch_inputs(batch)
         graphed = batch.decode_only and self._graph_size(len(batch.seqs)) is not None
         if graphed:
             self._events[0].record()
@@ -109,6 +129,49 @@ class ModelRunner:
         for i, t in zip(sample_rows, tokens, strict=True):
             result[i] = t
         return result
+
+    def graphed(self, num_seqs: int) -> bool:
+        """Whether a decode step of `num_seqs` sequences runs through a captured graph."""
+        return self._graph_size(num_seqs) is not None
+
+    @torch.inference_mode()
+    def launch_greedy_decode(self, inputs: HostInputs, ids: torch.Tensor | None = None) -> DecodeLaunch:
+        """Queue a decode step (one token per sequence, every row greedy) and its argmax, and start
+        copying the tokens to the host; do not wait. `ids` [bs] int64 on the device, if given, are
+        the input ids instead of `inputs[0]` (the previous launch's `tokens`)."""
+        t0 = time.perf_counter()
+        bs = len(inputs[4])
+        events = None
+        if self.graphed(bs):
+            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            events[0].record()
+            logits = self.replay(inputs, ids)  # [bs, V]
+            events[1].record()
+        else:
+            logits = self.run_eager(inputs, True, list(range(bs)), ids)  # [bs, V]
+        tokens = first_argmax(logits)  # [bs]: the sampler's result for greedy rows
+        done = None
+        host = tokens
+        if tokens.is_cuda:
+            host = torch.empty(bs, dtype=torch.int64, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        return DecodeLaunch(tokens, host, done, events, time.perf_counter() - t0)
+
+    def collect(self, launch: DecodeLaunch) -> list[int]:
+        """Wait for a launched step and return its tokens."""
+        t0 = time.perf_counter()
+        if launch.done is not None:
+            launch.done.synchronize()
+        tokens = launch.host_tokens.tolist()
+        if launch.replay_events is not None:
+            t = self.decode_timings
+            t["host_s"] += launch.host_s
+            t["wait_s"] += time.perf_counter() - t0
+            t["gpu_s"] += 1e-3 * launch.replay_events[0].elapsed_time(launch.replay_events[1])
+            t["num_replays"] += 1
+        return tokens
 
     @torch.inference_mode()
     def forward_tokens(
@@ -154,7 +217,7 @@ class ModelRunner:
     @torch.inference_mode()
     def all_token_logits(self, batch: ScheduledBatch) -> torch.Tensor:
         """[T, V] fp32 logits of every token of the batch (scoring / perplexity; eager)."""
-        return self.run_eager(self._host_inputs(batch), batch.decode_only, None)
+        return self.run_eager(self.batch_inputs(batch), batch.decode_only, None)
 
     def commit_kv(self, pages: list[int], prefix_len: int, path: list[int]) -> None:
         """Move accepted tree nodes' K/V into place (see `specray.spec.step.commit_kv`)."""
@@ -162,9 +225,10 @@ class ModelRunner:
 
         commit_kv(self.cache, pages, prefix_len, path)
 
-    def run_eager(self, inputs: HostInputs, decode_only: bool, sample_rows: list[int] | None) -> torch.Tensor:
+    def run_eager(self, inputs: HostInputs, decode_only: bool, sample_rows: list[int] | None,
+                  ids_dev: torch.Tensor | None = None) -> torch.Tensor:
         """Eager forward of host inputs; fp32 logits of the last token of each of `sample_rows` (all
-        tokens when None)."""
+        tokens when None). `ids_dev` [T] int64 on the device, if given, replaces `inputs[0]`."""
         ids, positions, slots, qsl, seq_lens, table = inputs
         dev = self.device
         meta = AttentionMetadata(
@@ -177,7 +241,7 @@ class ModelRunner:
             query_start_loc_cpu=qsl,
         )
         hidden = self.model(
-            torch.tensor(ids, dtype=torch.int64, device=dev),
+            torch.tensor(ids, dtype=torch.int64, device=dev) if ids_dev is None else ids_dev,
             torch.tensor(positions, dtype=torch.int64, device=dev),
             self.backend,
             meta,
@@ -227,25 +291,31 @@ class ModelRunner:
             self.graphs[bs] = graph
         torch.cuda.synchronize(dev)
 
-    def replay(self, inputs: HostInputs) -> torch.Tensor:
-        """Decode step through the captured graph of the smallest size that fits; logits [bs, V]."""
-        return self.replay_delta(inputs[:5], self.table_delta(inputs))
+    def replay(self, inputs: HostInputs, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode step through the captured graph of the smallest size that fits; logits [bs, V].
+        `ids` [bs] on the device, if given, replaces `inputs[0]`."""
+        return self.replay_delta(inputs[:5], self.table_delta(inputs), ids)
 
     def table_delta(self, inputs: HostInputs) -> TableDelta:
         """What `inputs`' page tables change in the graphs' device table (padding rows: emptied)."""
         return self.tables.diff(inputs[5], self._graph_size(len(inputs[4])))
 
-    def replay_delta(self, inputs: tuple[list[int], ...], delta: TableDelta) -> torch.Tensor:
+    def replay_delta(self, inputs: tuple[list[int], ...], delta: TableDelta,
+                     ids_dev: torch.Tensor | None = None) -> torch.Tensor:
         """`replay` with the page tables given as a delta against the graphs' device table."""
         ids, positions, slots, _, seq_lens = inputs
         bs = len(seq_lens)
         size = self._graph_size(bs)
         pad = size - bs
         h = self.h_inputs
+        self._staged.synchronize()  # a step launched ahead may not have read the last contents yet
         h[:, :size] = torch.tensor(
             [ids + [0] * pad, positions + [0] * pad, slots + [0] * pad, seq_lens + [1] * pad], dtype=torch.int64
         )
         self.g_inputs[:, :size].copy_(h[:, :size], non_blocking=True)
+        self._staged.record()
+        if ids_dev is not None:
+            self.g_ids[:bs].copy_(ids_dev)
         self.g_seq_lens[:size].copy_(self.g_inputs[3, :size])  # int64 -> int32 on the device
         self.tables.apply(delta)
         self.graphs[size].replay()

@@ -44,6 +44,7 @@ class PageTableMirror:
         self.host = torch.zeros(num_rows, max_pages, dtype=torch.int32, pin_memory=pin)  # [R, P]
         self.device_table = torch.zeros(num_rows, max_pages, dtype=torch.int32, device=device)  # [R, P]
         self.rows: list[list[int]] = [[] for _ in range(num_rows)]
+        self._copied = torch.cuda.Event() if pin else None  # recorded after the last queued copies
 
     def diff(self, tables: list[list[int]], size: int) -> TableDelta:
         """Changes that make rows [0, size) hold `tables` (rows from len(tables) on: empty). Pure."""
@@ -63,8 +64,12 @@ class PageTableMirror:
 
     def apply(self, delta: TableDelta) -> None:
         """Write `delta` to the host copy and queue its device copies (async from pinned memory).
-        The host copy is rewritten in place: call after the previous step's copies have run (the
-        engine syncs on its sampled tokens between steps)."""
+        The host copy is rewritten in place, so this first waits until the device has run the
+        previous delta's copies (a step launched ahead may still have them queued)."""
+        if not delta:
+            return
+        if self._copied is not None:
+            self._copied.synchronize()
         for r, start, values, clear_to in delta:
             end = start + len(values)
             if values:
@@ -75,8 +80,12 @@ class PageTableMirror:
             if hi > start:
                 self.device_table[r, start:hi].copy_(self.host[r, start:hi], non_blocking=True)
             self.rows[r] = self.rows[r][:start] + values
+        if self._copied is not None:
+            self._copied.record()
 
     def restore(self) -> None:
         """Copy the host copy back over the whole device table (after something else, e.g. a graph
         capture's warm-up, wrote the device table directly)."""
         self.device_table.copy_(self.host, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()

@@ -10,6 +10,7 @@ from specray.config import CacheConfig, EngineConfig, SchedulerConfig
 from specray.engine.llm_engine import LLMEngine
 from specray.engine.sampling_params import SamplingParams
 from tests.support.tiny import make_checkpoint
+from tests.unit.test_async_scheduling import _scripted_run
 
 
 def _engine(path, **kw):
@@ -35,4 +36,18 @@ def test_cuda_graph_greedy_matches_hf(tmp_path):
     solo = [_engine(path).generate([p], SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))[0]
             for p in prompts]
     assert [o.token_ids for o in solo] == [o.token_ids for o in outs]
+    assert engine.pages_in_use() == 0
+
+
+def test_async_scheduling_on_graphs_equals_sync(tmp_path):
+    """Steps launched ahead through the graphs (staging buffers reused while a step is in flight): the same
+    tokens as without async scheduling, through stops on a token, an abort, arrivals and a sampled request."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    path = make_checkpoint(tmp_path / "m", "llama")
+    sync = _engine(path, async_scheduling=False)
+    stop = _scripted_run(sync, stop_token=-1)["b"][5]
+    ref = _scripted_run(_engine(path, async_scheduling=False), stop)
+    engine = _engine(path, async_scheduling=True)
+    assert _scripted_run(engine, stop) == ref
+    assert engine.async_stats["ahead_used"] > 10 and engine.runner.decode_timings["num_replays"] > 10
     assert engine.pages_in_use() == 0

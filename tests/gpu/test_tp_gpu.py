@@ -260,6 +260,7 @@ def test_tp2_graphed_verification_equals_single_gpu_ar(models):
             assert first == ref[:1] and outs == ref, name
             if spec is None:
                 assert stats["decode"]["num_replays"] >= 64, f"{name}: {stats['decode']}"
+                assert stats["async"]["ahead_used"] >= 32, f"{name}: {stats['async']}"  # replay_ahead plans
             else:
                 assert len(stats["verify_graph_sizes"]) >= 2, f"{name}: replayed {stats['verify_graph_sizes']}"
             assert stats["all_reduce"] == "symmetric memory", f"{name}: {stats['all_reduce']}"

@@ -164,12 +164,14 @@ def test_tp2_separate_overlapped_draft_equals_single_rank(cluster, models, promp
 def test_tp2_without_speculation_equals_single_rank(cluster, models, prompts):
     target, draft = models["qwen2"]
     reference = _oracle(_config(target), prompts)
-    engine = DistributedEngine(_config(target, tensor_parallel_size=2))
+    # async scheduling: the follower takes a step launched ahead's input ids from its own argmax
+    engine = DistributedEngine(_config(target, tensor_parallel_size=2, async_scheduling=True))
     try:
         outs = engine.generate(prompts, PARAMS)
         assert [o.token_ids for o in outs] == reference
         assert engine.pages_in_use() == 0
         assert engine.draft_actor is None
+        assert engine.stats()["async"]["ahead_used"] > 0
 
         async def stream() -> list[int]:  # the serving layer's driver works unchanged
             front = AsyncLLMEngine(engine)
