@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -404,7 +405,7 @@ def main() -> None:
         prompt = torch.randint(0, 128000, (args.equality_context,), generator=g).tolist()
         colocated = engine_config(target, max_len, 1, draft_spec(draft, "colocated"))
         separate = engine_config(target, max_len, 1, draft_spec(draft, "separate"))
-        arms = {  # a fresh engine per arm and round; the rounds interleave the arms, so drift hits all alike
+        arms = {  # a fresh engine per arm and round; the rounds interleave and rotate the arms
             "inprocess_colocated": lambda: run_inprocess(colocated, prompt, args.tokens, warm),
             "inprocess_actor": lambda: run_inprocess_in_actor(colocated, prompt, args.tokens, warm, args.ray_address),
             "distributed_colocated": lambda: run_distributed(colocated, prompt, args.tokens, args.ray_address, warm),
@@ -416,9 +417,12 @@ def main() -> None:
         }
         arms = {k: v for k, v in arms.items() if k == "inprocess_colocated" or k in args.overhead_arms}
         runs: dict[str, list[dict]] = {k: [] for k in arms}
-        for _ in range(args.overhead_rounds):
-            for name, arm in arms.items():
-                row = arm()
+        order = list(arms)
+        for rnd in range(args.overhead_rounds):
+            # the arms' order rotates each round, so no arm always runs first (after the idle gap of a start)
+            for name in order[rnd % len(order):] + order[:rnd % len(order)]:
+                row = arms[name]()
+                row["order_in_round"] = (order.index(name) - rnd) % len(order)
                 if "draft_actor_busy_ms_per_step" in row:  # leader's wait for the draft = actor work + exchange
                     row["draft_exchange_ms_per_spec_step"] = (row["draft_wait_ms_per_spec_step"]
                                                               - row["draft_actor_busy_ms_per_step"])
@@ -434,6 +438,10 @@ def main() -> None:
         dump("overhead", {
             "context": args.equality_context, "rounds": args.overhead_rounds,
             **{f"control_plane_ms_per_spec_step_{k.removeprefix('distributed_')}": rows[k]["step_ms"] - base
+               for k in rows if k != "inprocess_colocated"},
+            # paired by round (same round, fresh engines minutes apart): arm - in-process, median over rounds
+            **{f"paired_overhead_ms_per_spec_step_{k.removeprefix('distributed_')}": statistics.median(
+                a["step_ms"] - b["step_ms"] for a, b in zip(runs[k], runs["inprocess_colocated"], strict=True))
                for k in rows if k != "inprocess_colocated"},
             **{f"wall_overhead_ms_per_spec_step_{k.removeprefix('distributed_')}":
                    rows[k]["wall_ms_per_spec_step"] - wall for k in rows if k != "inprocess_colocated"},
