@@ -240,7 +240,18 @@ def run_distributed(cfg, prompt, n, ray_address, warm: list[int], profile_steps:
         engine.shutdown()
 
 
-def run_inprocess(cfg, prompt, n, warm: list[int]) -> dict[str, Any]:
+def run_inprocess(cfg, prompt, n, warm: list[int], torch_threads: int | None = None) -> dict[str, Any]:
+    """The in-process engine in this process; `torch_threads`: torch's CPU threads for the run (then restored)."""
+    threads = torch.get_num_threads()
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
+    try:
+        return _run_inprocess(cfg, prompt, n, warm)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_inprocess(cfg, prompt, n, warm: list[int]) -> dict[str, Any]:
     from specray.engine.llm_engine import LLMEngine
 
     GcTimer.install()
@@ -277,15 +288,17 @@ def run_inprocess(cfg, prompt, n, warm: list[int]) -> dict[str, Any]:
     return row
 
 
-def run_inprocess_in_actor(cfg, prompt, n, warm: list[int], ray_address: str | None) -> dict[str, Any]:
-    """`run_inprocess` in a Ray task on one GPU: the in-process engine in a Ray worker process."""
+def run_inprocess_in_actor(cfg, prompt, n, warm: list[int], ray_address: str | None,
+                           torch_threads: int | None = None) -> dict[str, Any]:
+    """`run_inprocess` in a Ray task on one GPU: the in-process engine in a Ray worker process (whose torch
+    has 1 CPU thread: Ray sets OMP_NUM_THREADS to the task's CPUs)."""
     import ray
 
     from specray.actors.placement import connect
 
     connect(ray_address)
     # max_calls=1: the worker exits after the run, freeing its GPU memory and CUDA context
-    return ray.get(ray.remote(num_gpus=1, max_calls=1)(run_inprocess).remote(cfg, prompt, n, warm))
+    return ray.get(ray.remote(num_gpus=1, max_calls=1)(run_inprocess).remote(cfg, prompt, n, warm, torch_threads))
 
 
 def median_round(rounds: list[dict], key: str, *also: str) -> dict[str, Any]:
@@ -298,7 +311,7 @@ def median_round(rounds: list[dict], key: str, *also: str) -> dict[str, Any]:
 
 
 OVERHEAD_ARMS = ("inprocess_colocated", "inprocess_actor", "distributed_colocated", "distributed_separate",
-                 "distributed_separate_long_spin")
+                 "distributed_separate_long_spin", "inprocess_1thread", "inprocess_actor_threads")
 
 
 def first_divergence(a: list[int], b: list[int]) -> int:
@@ -408,6 +421,10 @@ def main() -> None:
         arms = {  # a fresh engine per arm and round; the rounds interleave and rotate the arms
             "inprocess_colocated": lambda: run_inprocess(colocated, prompt, args.tokens, warm),
             "inprocess_actor": lambda: run_inprocess_in_actor(colocated, prompt, args.tokens, warm, args.ray_address),
+            # is it torch's CPU thread count? the driver with one thread, and a worker with as many as the driver
+            "inprocess_1thread": lambda: run_inprocess(colocated, prompt, args.tokens, warm, torch_threads=1),
+            "inprocess_actor_threads": lambda: run_inprocess_in_actor(colocated, prompt, args.tokens, warm,
+                                                                      args.ray_address, torch.get_num_threads()),
             "distributed_colocated": lambda: run_distributed(colocated, prompt, args.tokens, args.ray_address, warm),
             "distributed_separate": lambda: run_distributed(separate, prompt, args.tokens, args.ray_address, warm),
             # the control plane's waits spin 50 ms (longer than any phase: neither side ever sleeps)
