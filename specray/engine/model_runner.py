@@ -188,7 +188,8 @@ class ModelRunner:
         """A free-form forward (speculative steps): sequence s feeds `tokens[s]` at RoPE `positions[s]`,
         writes their K/V at cache positions `cache_positions[s]` of its page table `pages[s]`, and
         attends to its first `seq_lens[s]` cache entries (tree-masked where `trees[s]` is given).
-        Returns fp32 logits [R, V] of the flat token rows `logits_rows` (all rows when None)."""
+        Returns fp32 logits [R, V] of the flat token rows `logits_rows` (all rows when None; an empty
+        list writes the K/V only and skips the LM head, returning [0, V])."""
         ps = self.page_size
         dev = self.device
         flat_ids = [t for ts in tokens for t in ts]
@@ -210,6 +211,9 @@ class ModelRunner:
             positions=pos_t, trees=trees, capture_layer=capture_layer,
         )
         hidden = self.model(torch.tensor(flat_ids, dtype=torch.int64, device=dev), pos_t, self.backend, meta)
+        if logits_rows is not None and not logits_rows:
+            vocab = getattr(self.model, "full_arch", self.model.arch).vocab_size  # a TP shard's arch is its slice
+            return torch.empty(0, vocab, dtype=torch.float32, device=dev)
         if logits_rows is not None:
             hidden = hidden[torch.tensor(logits_rows, dtype=torch.int64, device=dev)]
         return self.model.compute_logits(hidden)

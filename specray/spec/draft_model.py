@@ -185,7 +185,7 @@ class DraftModelProposer:
             self.runner.forward_tokens(
                 pages=[st.pages for st in pending],
                 tokens=[st.ctx[a:b] for st, (a, b) in zip(pending, spans, strict=True)],
-                positions=ranges, cache_positions=ranges, seq_lens=[b for _, b in spans], logits_rows=[0],
+                positions=ranges, cache_positions=ranges, seq_lens=[b for _, b in spans], logits_rows=[],
             )
             for st, (_, b) in zip(pending, spans, strict=True):
                 st.num_encoded = b

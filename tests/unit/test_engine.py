@@ -221,3 +221,21 @@ def test_missing_tensor(tmp_path):
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="model.layers.1.mlp.up_proj.weight"):
         _engine(path)
+
+
+def test_forward_tokens_without_logits_writes_the_same_kv(llama):
+    """`logits_rows=[]` (the draft's context encoding) skips the LM head but writes the same K/V: the next
+    token's logits after it equal the last row of one forward over the whole sequence."""
+    engine = _engine(llama)
+    runner = engine.runner
+    tokens = [5, 9, 17, 33, 4, 8, 100, 7, 21]
+    pages = engine.allocator.allocate(2)  # 16 slots of 8
+    n = len(tokens)
+    head = runner.forward_tokens([pages], [tokens[:-1]], [list(range(n - 1))], [list(range(n - 1))], [n - 1],
+                                 logits_rows=[])
+    assert head.shape == (0, engine.arch.vocab_size)
+    step = runner.forward_tokens([pages], [tokens[-1:]], [[n - 1]], [[n - 1]], [n])  # [1, V]
+    other = engine.allocator.allocate(2)
+    full = runner.forward_tokens([other], [tokens], [list(range(n))], [list(range(n))], [n])  # [n, V]
+    torch.testing.assert_close(step[0], full[-1], rtol=1e-5, atol=1e-5)
+    engine.allocator.free(pages + other)
