@@ -261,21 +261,25 @@ class ShardEngine(LLMEngine):
 def follow(engine: ShardEngine) -> None:
     """A follower's loop: execute the leader's plans until "stop"."""
     runner, plan = engine.runner, engine.world.plan
-    last = None  # logits of the last decode forward: "_ahead" plans take their argmax as input ids
+    last = None  # logits [bs, V] of the plan before, if it was a decode step: "_ahead" plans take their argmax
     while True:
         op, args, moves = plan.read()
         for pages, prefix_len, path in moves:
             runner.commit_kv(pages, prefix_len, path)
         if op == "stop":
             return
+        if op.endswith("_ahead"):  # the logits are all-gathered: every rank's argmax is the leader's
+            if last is None or last.shape[0] != len(args[0][4]):
+                raise RuntimeError(f"step plan {op!r} does not follow a decode step of its batch")
+            ids = first_argmax(last)
+            last = (runner.run_eager(*args, ids) if op == "eager_ahead" else runner.replay_delta(*args, ids))
+            continue
+        last = None
         if op == "eager":
-            last = runner.run_eager(*args)
+            out = runner.run_eager(*args)
+            last = out if args[1] else None  # decode_only: one row per sequence
         elif op == "replay":
             last = runner.replay_delta(*args)
-        elif op == "eager_ahead":  # the logits are all-gathered: every rank's argmax is the leader's
-            last = runner.run_eager(*args, first_argmax(last))
-        elif op == "replay_ahead":
-            last = runner.replay_delta(*args, first_argmax(last))
         elif op == "tokens":
             kw = dict(args[0])
             if kw["trees"] is not None:

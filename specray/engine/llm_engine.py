@@ -267,13 +267,14 @@ class LLMEngine:
 
     def _launch_ahead(self, batch: ScheduledBatch, launch: DecodeLaunch) -> _Ahead | None:
         """Launch the step after `batch`'s, taking `launch`'s device tokens as input ids, when that step
-        will be scheduled as is: nothing waits for admission, no sequence ends by length with this
+        will be scheduled as is: no request can be admitted, no sequence ends by length with this
         token, and pages for one more token are free (allocated now; the scheduler finds them). A
         sequence that stops on a token, or an abort, changes the next batch, and the step is dropped:
         its K/V writes land where the next step writes again, or in freed pages whose next owner writes
-        after it on the same stream."""
-        if self.scheduler.waiting:
-            return None
+        after it on the same stream. With every sequence slot taken, waiting requests cannot join the next
+        batch, so they do not stop it."""
+        if self.scheduler.waiting and len(self.scheduler.running) < self.config.scheduler.max_num_seqs:
+            return None  # the next step may admit a request (if one finishes instead, the step is dropped)
         ps = self.cache.spec.page_size
         need = [pages_needed(s.num_computed + 2, ps) - len(s.pages) for s in batch.seqs]
         if any(len(s.output_ids) + 2 > s.max_output_tokens for s in batch.seqs) or not self.allocator.can_allocate(

@@ -105,3 +105,16 @@ def test_async_under_page_pressure_equals_sync(llama):
 def test_async_scheduling_must_be_a_bool():
     with pytest.raises(ConfigError, match="async_scheduling"):
         EngineConfig(async_scheduling="yes")
+
+
+def test_async_with_every_slot_taken_keeps_launching_ahead(llama):
+    """Requests waiting for a sequence slot cannot join the next batch, so steps are still launched ahead;
+    when a request finishes, the waiting one is admitted and the output equals the sync engine's."""
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (8, 5, 12, 6)]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (12, 20, 9, 15)]
+    ref = [o.token_ids for o in _engine(llama, False, max_num_seqs=2).generate(prompts, params)]
+    engine = _engine(llama, True, max_num_seqs=2)
+    assert [o.token_ids for o in engine.generate(prompts, params)] == ref
+    assert engine.async_stats["ahead_used"] > 20  # ~52 decode steps; the two waiting requests did not stop them
+    assert engine.pages_in_use() == 0
