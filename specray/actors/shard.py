@@ -94,11 +94,11 @@ class PlanRunner(ModelRunner):
         self._announce("eager" if ids_dev is None else "eager_ahead", inputs, decode_only, sample_rows)
         return super().run_eager(inputs, decode_only, sample_rows, ids_dev)
 
-    def replay(self, inputs: HostInputs, ids: torch.Tensor | None = None) -> torch.Tensor:
+    def replay(self, inputs: HostInputs, ids_dev: torch.Tensor | None = None) -> torch.Tensor:
         # the page tables travel as a delta against the graphs' table, which every rank mirrors
         delta = self.table_delta(inputs)
-        self._announce("replay" if ids is None else "replay_ahead", inputs[:5], delta)
-        return self.replay_delta(inputs[:5], delta, ids)
+        self._announce("replay" if ids_dev is None else "replay_ahead", inputs[:5], delta)
+        return self.replay_delta(inputs[:5], delta, ids_dev)
 
     def forward_tokens(self, pages, tokens, positions, cache_positions, seq_lens, trees=None, logits_rows=None,
                        capture_layer=None) -> torch.Tensor:

@@ -244,11 +244,11 @@ class LLMEngine:
         if self._async_greedy(batch):
             if ahead is not None and ahead.matches(batch):
                 self.async_stats["ahead_used"] += 1
+                launch = ahead.launch
             else:  # none, or the batch changed: run it now
-                ahead = _Ahead(list(batch.seqs), [s.num_computed for s in batch.seqs],
-                               self.runner.launch_greedy_decode(self.runner.batch_inputs(batch)))
-            self._ahead = self._launch_ahead(batch, ahead.launch)  # before this step's tokens are read
-            sampled = self.runner.collect(ahead.launch)
+                launch = self.runner.launch_greedy_decode(self.runner.batch_inputs(batch))
+            self._ahead = self._launch_ahead(batch, launch)  # before this step's tokens are read
+            sampled = self.runner.collect(launch)
         else:
             sampled = self.runner.execute(batch)
         for seq, n, token in zip(batch.seqs, batch.num_new_tokens, sampled, strict=True):
@@ -273,16 +273,12 @@ class LLMEngine:
         its K/V writes land where the next step writes again, or in freed pages whose next owner writes
         after it on the same stream. With every sequence slot taken, waiting requests cannot join the next
         batch, so they do not stop it."""
-        if self.scheduler.waiting and len(self.scheduler.running) < self.config.scheduler.max_num_seqs:
+        if self.scheduler.can_admit():
             return None  # the next step may admit a request (if one finishes instead, the step is dropped)
-        ps = self.cache.spec.page_size
-        need = [pages_needed(s.num_computed + 2, ps) - len(s.pages) for s in batch.seqs]
-        if any(len(s.output_ids) + 2 > s.max_output_tokens for s in batch.seqs) or not self.allocator.can_allocate(
-                sum(n for n in need if n > 0)):
+        if any(len(s.output_ids) + 2 > s.max_output_tokens for s in batch.seqs):
             return None
-        for seq, n in zip(batch.seqs, need, strict=True):
-            if n > 0:
-                seq.pages.extend(self.allocator.allocate(n))
+        if not self.scheduler.reserve_next_token(batch.seqs):
+            return None
         starts = [s.num_computed + 1 for s in batch.seqs]
         inputs = self.runner.host_inputs([s.pages for s in batch.seqs], [[0]] * len(starts), starts)
         self.async_stats["ahead_launched"] += 1

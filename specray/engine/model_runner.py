@@ -107,7 +107,7 @@ class ModelRunner:
         ]
         t0 = time.perf_counter()
         inputs = self.batch_inputs(batch)
-        graphed = batch.decode_only and self._graph_size(len(batch.seqs)) is not None
+        graphed = batch.decode_only and self.graphed(len(batch.seqs))
         if graphed:
             self._events[0].record()
             logits = self.replay(inputs)
@@ -120,11 +120,7 @@ class ModelRunner:
         t1 = time.perf_counter()
         tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
         if graphed:
-            t = self.decode_timings
-            t["host_s"] += t1 - t0
-            t["wait_s"] += time.perf_counter() - t1
-            t["gpu_s"] += 1e-3 * self._events[0].elapsed_time(self._events[1])
-            t["num_replays"] += 1
+            self._count_replay(t1 - t0, time.perf_counter() - t1, self._events)
         result: list[int | None] = [None] * len(batch.seqs)
         for i, t in zip(sample_rows, tokens, strict=True):
             result[i] = t
@@ -145,7 +141,7 @@ class ModelRunner:
         if self.graphed(bs):
             events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             events[0].record()
-            logits = self.replay(inputs, ids)  # [bs, V]
+            logits = self.replay(inputs, ids_dev=ids)  # [bs, V]
             events[1].record()
         else:
             logits = self.run_eager(inputs, True, list(range(bs)), ids)  # [bs, V]
@@ -166,12 +162,16 @@ class ModelRunner:
             launch.done.synchronize()
         tokens = launch.host_tokens.tolist()
         if launch.replay_events is not None:
-            t = self.decode_timings
-            t["host_s"] += launch.host_s
-            t["wait_s"] += time.perf_counter() - t0
-            t["gpu_s"] += 1e-3 * launch.replay_events[0].elapsed_time(launch.replay_events[1])
-            t["num_replays"] += 1
+            self._count_replay(launch.host_s, time.perf_counter() - t0, launch.replay_events)
         return tokens
+
+    def _count_replay(self, host_s: float, wait_s: float, events: tuple[torch.cuda.Event, torch.cuda.Event]) -> None:
+        """Add one graphed decode step to `decode_timings` (its start and end events have passed)."""
+        t = self.decode_timings
+        t["host_s"] += host_s
+        t["wait_s"] += wait_s
+        t["gpu_s"] += 1e-3 * events[0].elapsed_time(events[1])
+        t["num_replays"] += 1
 
     @torch.inference_mode()
     def forward_tokens(
@@ -295,10 +295,10 @@ class ModelRunner:
             self.graphs[bs] = graph
         torch.cuda.synchronize(dev)
 
-    def replay(self, inputs: HostInputs, ids: torch.Tensor | None = None) -> torch.Tensor:
+    def replay(self, inputs: HostInputs, ids_dev: torch.Tensor | None = None) -> torch.Tensor:
         """Decode step through the captured graph of the smallest size that fits; logits [bs, V].
-        `ids` [bs] on the device, if given, replaces `inputs[0]`."""
-        return self.replay_delta(inputs[:5], self.table_delta(inputs), ids)
+        `ids_dev` [bs] on the device, if given, replaces `inputs[0]`."""
+        return self.replay_delta(inputs[:5], self.table_delta(inputs), ids_dev)
 
     def table_delta(self, inputs: HostInputs) -> TableDelta:
         """What `inputs`' page tables change in the graphs' device table (padding rows: emptied)."""

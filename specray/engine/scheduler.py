@@ -95,7 +95,7 @@ class Scheduler:
             batch.num_new_tokens.append(n)
             budget -= n
 
-        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+        while budget > 0 and self.can_admit():
             seq = self.waiting[0]
             need = pages_needed(seq.num_tokens + 1, self.page_size) - len(seq.pages)
             if not self.allocator.can_allocate(need):
@@ -109,6 +109,22 @@ class Scheduler:
             batch.num_new_tokens.append(n)
             budget -= n
         return batch
+
+    def can_admit(self) -> bool:
+        """Whether a waiting sequence may join the running ones (a free sequence slot; pages decide later)."""
+        return bool(self.waiting) and len(self.running) < self.cfg.max_num_seqs
+
+    def reserve_next_token(self, seqs: list[Sequence]) -> bool:
+        """Give each decoding sequence pages for one more K/V entry past its next step's (num_computed + 2),
+        all or none and without preempting: a step launched ahead of its scheduling (async scheduling)
+        needs them, and `schedule()` then finds them in place."""
+        need = [pages_needed(s.num_computed + 2, self.page_size) - len(s.pages) for s in seqs]
+        if not self.allocator.can_allocate(sum(n for n in need if n > 0)):
+            return False
+        for seq, n in zip(seqs, need, strict=True):
+            if n > 0:
+                seq.pages.extend(self.allocator.allocate(n))
+        return True
 
     def _grow(self, seq: Sequence, num_tokens: int, batch: ScheduledBatch) -> bool:
         """Give `seq` pages for `num_tokens` K/V entries, preempting later sequences if needed."""

@@ -196,7 +196,7 @@ class DraftModelProposer:
         roots = [seq.output_ids[-1] if seq.output_ids else seq.prompt_ids[-1] for seq in seqs]
         tokens = [[r] for r in roots]
         rows: list[list[torch.Tensor]] = [[] for _ in seqs]
-        graphed = self.runner._graph_size(len(states)) is not None
+        graphed = self.runner.graphed(len(states))
         for depth in range(length):
             if graphed:
                 # each sequence's last token at draft position len(ctx) + depth
