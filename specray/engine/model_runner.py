@@ -191,7 +191,6 @@ class ModelRunner:
         Returns fp32 logits [R, V] of the flat token rows `logits_rows` (all rows when None; an empty
         list writes the K/V only and skips the LM head, returning [0, V])."""
         ps = self.page_size
-        dev = self.device
         flat_ids = [t for ts in tokens for t in ts]
         flat_pos = [p for ps_ in positions for p in ps_]
         slots = [pg[c // ps] * ps + c % ps for pg, cs in zip(pages, cache_positions, strict=True) for c in cs]
@@ -200,23 +199,35 @@ class ModelRunner:
             qsl.append(qsl[-1] + len(ts))
         width = max(len(p) for p in pages)
         table = [p + [SCRATCH_PAGE] * (width - len(p)) for p in pages]
-        pos_t = torch.tensor(flat_pos, dtype=torch.int64, device=dev)
+        rows = None if logits_rows is None else list(logits_rows)
+        ids_t, pos_t, slot_t, table_t, lens_t, qsl_t, rows_t = self.upload(
+            flat_ids, flat_pos, slots, [e for row in table for e in row], seq_lens, qsl, rows or [])
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            page_tables=torch.tensor(table, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            decode_only=all(len(t) == 1 for t in tokens),
+            slot_mapping=slot_t, page_tables=table_t.view(len(table), width).int(), seq_lens=lens_t.int(),
+            query_start_loc=qsl_t.int(), decode_only=all(len(t) == 1 for t in tokens),
             seq_lens_cpu=list(seq_lens), query_start_loc_cpu=qsl,
             positions=pos_t, trees=trees, capture_layer=capture_layer,
         )
-        hidden = self.model(torch.tensor(flat_ids, dtype=torch.int64, device=dev), pos_t, self.backend, meta)
-        if logits_rows is not None and not logits_rows:
+        hidden = self.model(ids_t, pos_t, self.backend, meta)
+        if rows is not None and not rows:
             vocab = getattr(self.model, "full_arch", self.model.arch).vocab_size  # a TP shard's arch is its slice
-            return torch.empty(0, vocab, dtype=torch.float32, device=dev)
-        if logits_rows is not None:
-            hidden = hidden[torch.tensor(logits_rows, dtype=torch.int64, device=dev)]
+            return torch.empty(0, vocab, dtype=torch.float32, device=self.device)
+        if rows is not None:
+            hidden = hidden[rows_t]
         return self.model.compute_logits(hidden)
+
+    def upload(self, *rows: list[int]) -> list[torch.Tensor]:
+        """Host int lists -> int64 tensors on the device, one per list. On CUDA they travel as one pinned,
+        non-blocking copy: the host neither waits for the stream (a `torch.tensor(..., device=cuda)` from
+        pageable memory does, once per tensor) nor reuses the pinned block before the copy has read it
+        (torch's caching host allocator holds it until then)."""
+        sizes = [len(r) for r in rows]
+        flat = torch.tensor([x for r in rows for x in r], dtype=torch.int64)  # [sum(sizes)]
+        if self.device.type == "cuda":
+            flat = flat.pin_memory().to(self.device, non_blocking=True)
+        else:
+            flat = flat.to(self.device)
+        return list(flat.split(sizes))
 
     @torch.inference_mode()
     def all_token_logits(self, batch: ScheduledBatch) -> torch.Tensor:
@@ -234,26 +245,19 @@ class ModelRunner:
         """Eager forward of host inputs; fp32 logits of the last token of each of `sample_rows` (all
         tokens when None). `ids_dev` [T] int64 on the device, if given, replaces `inputs[0]`."""
         ids, positions, slots, qsl, seq_lens, table = inputs
-        dev = self.device
+        last = [] if sample_rows is None else [qsl[i + 1] - 1 for i in sample_rows]
+        ids_t, pos_t, slot_t, table_t, lens_t, qsl_t, last_t = self.upload(
+            [] if ids_dev is not None else ids, positions, slots, [e for row in table for e in row], seq_lens, qsl,
+            last)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            page_tables=torch.tensor(table, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            decode_only=decode_only,
-            seq_lens_cpu=seq_lens,
+            slot_mapping=slot_t, page_tables=table_t.view(len(table), len(table[0]) if table else 0).int(),
+            seq_lens=lens_t.int(), query_start_loc=qsl_t.int(), decode_only=decode_only, seq_lens_cpu=seq_lens,
             query_start_loc_cpu=qsl,
         )
-        hidden = self.model(
-            torch.tensor(ids, dtype=torch.int64, device=dev) if ids_dev is None else ids_dev,
-            torch.tensor(positions, dtype=torch.int64, device=dev),
-            self.backend,
-            meta,
-        )
+        hidden = self.model(ids_t if ids_dev is None else ids_dev, pos_t, self.backend, meta)
         if sample_rows is None:
             return self.model.compute_logits(hidden)
-        last = torch.tensor([qsl[i + 1] - 1 for i in sample_rows], dtype=torch.int64, device=dev)
-        return self.model.compute_logits(hidden[last])
+        return self.model.compute_logits(hidden[last_t])
 
     # ---- CUDA graphs ---------------------------------------------------------------------------
     def _graph_size(self, bs: int) -> int | None:

@@ -121,6 +121,11 @@ class DraftModelProposer:
         self.peak_kv_bytes = 0
         # host seconds per part (each ends with the host waiting for its GPU work, or not: see the spans)
         self.timings = {"rebuild_s": 0.0, "encode_s": 0.0, "chains_s": 0.0, "commit_s": 0.0}
+        # CUDA: the context encoding's device time too (`encode_s` is the host's: launches, plus any wait)
+        self._encode_events = None
+        if engine.device.type == "cuda":
+            self._encode_events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self.timings["encode_gpu_s"] = 0.0
 
     # ---- memory ----------------------------------------------------------------------------------
     def kv_bytes(self) -> int:
@@ -247,12 +252,17 @@ class DraftModelProposer:
             st.expanded = {}
             states.append(st)
         t0 = time.perf_counter()
+        if self._encode_events is not None:
+            self._encode_events[0].record()
         self._encode(states)
+        if self._encode_events is not None:
+            self._encode_events[1].record()
         t1 = time.perf_counter()
         self.timings["encode_s"] += t1 - t0
         if self.cfg.tree.kind == "chain":
             trees = self._chains(seqs, states)
             self.timings["chains_s"] += time.perf_counter() - t1
+            self._count_encode_gpu()
             return trees
         trees = []
         for seq, st in zip(seqs, states, strict=True):
@@ -266,7 +276,15 @@ class DraftModelProposer:
             gen = seq.generator if seq.generator is not None else self.engine.sampler.generator
             trees.append(draft_tree(self.cfg.tree, seq.prompt_ids[-1] if not seq.output_ids else seq.output_ids[-1],
                                     logits_fn, seq.params, gen))
+        self._count_encode_gpu()
         return trees
+
+    def _count_encode_gpu(self) -> None:
+        """Add the device time of this step's context encoding (its kernels have run: drafting read tokens
+        back to the host since) to `timings["encode_gpu_s"]`."""
+        if self._encode_events is not None:
+            self._encode_events[1].synchronize()
+            self.timings["encode_gpu_s"] += 1e-3 * self._encode_events[0].elapsed_time(self._encode_events[1])
 
     @torch.inference_mode()
     def commit(
