@@ -1,0 +1,120 @@
+"""The draft's context encoding on CUDA: host time against device time, and where each goes.
+
+A retrieval refresh re-encodes the draft's working set (about 1K tokens) in one eager `forward_tokens` with
+`logits_rows=[]`. This times that forward on a random Llama-3.1-8B-shaped draft of 2 layers (bf16, the
+Triton backend, fused ops as the draft runs them): host seconds to queue it, device seconds (CUDA events),
+and the wall time until it is done. Each is measured back to back and after the device has idled for
+`--idle-ms` (a separate draft's GPU idles while the target verifies). `--profile` adds torch.profiler
+tables of the top host and device ops.
+
+    python3 benchmarks/draft_encode.py --out results/draft-encode --tokens 1088 --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from specray.engine.attention import TritonAttentionBackend
+from specray.engine.kv_cache import KVCache, KVCacheSpec, pages_needed
+from specray.engine.model_runner import ModelRunner
+from specray.engine.sampler import Sampler
+from specray.models.arch import ModelArch
+from specray.models.decoder import DecoderLM
+
+
+def draft_runner(max_len: int, layers: int, fused: bool) -> ModelRunner:
+    from transformers import LlamaConfig
+
+    hf = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                     rope_theta=500000.0, rms_norm_eps=1e-5)
+    arch = ModelArch.from_hf_config(hf.to_dict())
+    dev = torch.device("cuda")
+    model = DecoderLM.empty(arch, max_len + 1, torch.bfloat16, dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02, generator=g)
+    model.eval()
+    model.use_fused_ops(fused)
+    cache = KVCache(KVCacheSpec.of(arch, 16, torch.bfloat16), 1 + pages_needed(max_len, 16), dev)
+    backend = TritonAttentionBackend(cache, arch.num_heads, 1, max_len)
+    return ModelRunner(model, cache, backend, Sampler(), max_len)
+
+
+def time_encode(runner: ModelRunner, n: int, iters: int, idle_s: float) -> dict[str, float]:
+    pages = [list(range(1, 1 + pages_needed(n, 16)))]
+    ids = [[(7 * i) % 128000 for i in range(n)]]
+    pos = [list(range(n))]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    host, gpu, wall = [], [], []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        if idle_s:
+            time.sleep(idle_s)
+        t0 = time.perf_counter()
+        start.record()
+        runner.forward_tokens(pages, ids, pos, pos, [n], logits_rows=[])
+        end.record()
+        t1 = time.perf_counter()
+        end.synchronize()
+        t2 = time.perf_counter()
+        host.append(1e3 * (t1 - t0))
+        gpu.append(start.elapsed_time(end))
+        wall.append(1e3 * (t2 - t0))
+    return {"host_ms": statistics.median(host), "gpu_ms": statistics.median(gpu), "wall_ms": statistics.median(wall)}
+
+
+def profile_tables(runner: ModelRunner, n: int) -> dict[str, str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    pages = [list(range(1, 1 + pages_needed(n, 16)))]
+    ids, pos = [[(7 * i) % 128000 for i in range(n)]], [list(range(n))]
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            runner.forward_tokens(pages, ids, pos, pos, [n], logits_rows=[])
+        torch.cuda.synchronize()
+    ka = prof.key_averages()
+    return {"by_host": ka.table(sort_by="self_cpu_time_total", row_limit=25),
+            "by_device": ka.table(sort_by="self_cuda_time_total", row_limit=15)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="results/draft-encode")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1088])
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--idle-ms", type=float, default=6.0)
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+              "layers": args.layers, "rows": []}
+    for fused in (True, False):
+        runner = draft_runner(max(args.tokens) + 64, args.layers, fused)
+        for n in args.tokens:
+            time_encode(runner, n, 3, 0.0)  # compile, allocate
+            for idle in (0.0, args.idle_ms / 1e3):
+                times = time_encode(runner, n, args.iters, idle)
+                row = {"fused_ops": fused, "tokens": n, "idle_ms": 1e3 * idle, **times}
+                result["rows"].append(row)
+                print(json.dumps(row), flush=True)
+            if args.profile and fused:
+                tables = profile_tables(runner, n)
+                (out / f"profile-{n}.txt").write_text(tables["by_host"] + "\n\n" + tables["by_device"])
+                print(tables["by_host"], flush=True)
+        del runner
+        torch.cuda.empty_cache()
+    (out / "draft_encode.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
