@@ -3,9 +3,11 @@
 A retrieval refresh re-encodes the draft's working set (about 1K tokens) in one eager `forward_tokens` with
 `logits_rows=[]`. This times that forward on a random Llama-3.1-8B-shaped draft of 2 layers (bf16, the
 Triton backend, fused ops as the draft runs them): host seconds to queue it, device seconds (CUDA events),
-and the wall time until it is done. Each is measured back to back and after the device has idled for
-`--idle-ms` (a separate draft's GPU idles while the target verifies). `--profile` adds torch.profiler
-tables of the top host and device ops.
+and the wall time until it is done. Each is measured back to back, after the device has idled for
+`--idle-ms` (a separate draft's GPU idles while the target verifies), and with a token count not seen
+before at every call (a working set after each refresh). Both with the context chunks' SDPA backends
+pinned (`attention.PREFILL_SDPA_BACKENDS`, the engine's setting) and with SDPA free to pick any.
+`--profile` adds torch.profiler tables of the top host and device ops.
 
     python3 benchmarks/draft_encode.py --out results/draft-encode --tokens 1088 --profile
 """
@@ -19,7 +21,9 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend
 
+from specray.engine import attention
 from specray.engine.attention import TritonAttentionBackend
 from specray.engine.kv_cache import KVCache, KVCacheSpec, pages_needed
 from specray.engine.model_runner import ModelRunner
@@ -48,19 +52,22 @@ def draft_runner(max_len: int, layers: int, fused: bool) -> ModelRunner:
     return ModelRunner(model, cache, backend, Sampler(), max_len)
 
 
-def time_encode(runner: ModelRunner, n: int, iters: int, idle_s: float) -> dict[str, float]:
-    pages = [list(range(1, 1 + pages_needed(n, 16)))]
-    ids = [[(7 * i) % 128000 for i in range(n)]]
-    pos = [list(range(n))]
+def time_encode(runner: ModelRunner, n: int, iters: int, idle_s: float, fresh: bool = False) -> dict[str, float]:
+    """Median host / device / wall ms of `iters` encodes of n tokens (`fresh`: n + 1, n + 2, ... tokens, a
+    shape not seen before each time, as a draft's working set after each refresh)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     host, gpu, wall = [], [], []
-    for _ in range(iters):
+    for it in range(iters):
+        m = n + 1 + it if fresh else n
+        pages = [list(range(1, 1 + pages_needed(m, 16)))]
+        ids = [[(7 * i) % 128000 for i in range(m)]]
+        pos = [list(range(m))]
         torch.cuda.synchronize()
         if idle_s:
             time.sleep(idle_s)
         t0 = time.perf_counter()
         start.record()
-        runner.forward_tokens(pages, ids, pos, pos, [n], logits_rows=[])
+        runner.forward_tokens(pages, ids, pos, pos, [m], logits_rows=[])
         end.record()
         t1 = time.perf_counter()
         end.synchronize()
@@ -98,21 +105,22 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     result = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
               "layers": args.layers, "rows": []}
-    for fused in (True, False):
-        runner = draft_runner(max(args.tokens) + 64, args.layers, fused)
+    pinned = attention.PREFILL_SDPA_BACKENDS
+    anyone = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    runner = draft_runner(max(args.tokens) + args.iters + 64, args.layers, True)
+    for sdpa, backends in (("pinned", pinned), ("sdpa_default", anyone)):
+        attention.PREFILL_SDPA_BACKENDS = backends
         for n in args.tokens:
             time_encode(runner, n, 3, 0.0)  # compile, allocate
-            for idle in (0.0, args.idle_ms / 1e3):
-                times = time_encode(runner, n, args.iters, idle)
-                row = {"fused_ops": fused, "tokens": n, "idle_ms": 1e3 * idle, **times}
+            for idle, fresh in ((0.0, False), (args.idle_ms / 1e3, False), (0.0, True)):
+                times = time_encode(runner, n, args.iters, idle, fresh)
+                row = {"sdpa": sdpa, "tokens": n, "idle_ms": 1e3 * idle, "fresh_shapes": fresh, **times}
                 result["rows"].append(row)
                 print(json.dumps(row), flush=True)
-            if args.profile and fused:
+            if args.profile:
                 tables = profile_tables(runner, n)
-                (out / f"profile-{n}.txt").write_text(tables["by_host"] + "\n\n" + tables["by_device"])
-                print(tables["by_host"], flush=True)
-        del runner
-        torch.cuda.empty_cache()
+                (out / f"profile-{sdpa}-{n}.txt").write_text(tables["by_host"] + "\n\n" + tables["by_device"])
+    attention.PREFILL_SDPA_BACKENDS = pinned
     (out / "draft_encode.json").write_text(json.dumps(result, indent=2))
 
 

@@ -19,11 +19,18 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from specray.engine.kv_cache import KVCache
 
 if TYPE_CHECKING:
     from specray.models.rope import RotaryEmbedding
+
+# SDPA kernels for the context chunks of the Triton backend. The memory-efficient kernel takes any mask and
+# has no per-shape setup. cuDNN's attention, which SDPA may otherwise pick on Hopper, builds a plan per
+# (queries, keys) shape; a draft's working-set re-encodes change that shape every refresh, so a fresh process
+# paid ~15 ms per refresh (measured on H200, BENCHMARKS.md). Math is the fallback for inputs the kernel rejects.
+PREFILL_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -337,12 +344,13 @@ class TritonAttentionBackend:
             mask = meta.mask_for(s, b - a, seq_len, sliding_window, q.device)
             group = q.shape[1] // ks.shape[1]  # expand GQA heads: keeps SDPA on its fused kernels
             ks, vs = ks.repeat_interleave(group, dim=1), vs.repeat_interleave(group, dim=1)
-            # 4-D inputs: SDPA's fused (memory-efficient) kernels take only those; 3-D ones fall back to its
-            # math path, which upcasts to fp32 and materialises the scores (about 3x the device time of the
-            # GEMMs at 1K tokens, and ~0.4 ms of host ops per layer)
-            o = F.scaled_dot_product_attention(
-                q[a:b].transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
-                attn_mask=mask[None, None], scale=scale,
-            )  # [1, Hq, n_q, D]
+            # 4-D inputs: SDPA's fused kernels take only those; 3-D ones fall back to its math path, which
+            # upcasts to fp32 and materialises the scores (about 3x the device time of the GEMMs at 1K tokens,
+            # and ~0.4 ms of host ops per layer). The backends are pinned (see PREFILL_SDPA_BACKENDS).
+            with sdpa_kernel(PREFILL_SDPA_BACKENDS):
+                o = F.scaled_dot_product_attention(
+                    q[a:b].transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
+                    attn_mask=mask[None, None], scale=scale,
+                )  # [1, Hq, n_q, D]
             out[a:b] = o[0].transpose(0, 1)
         return out

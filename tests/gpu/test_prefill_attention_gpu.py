@@ -1,12 +1,14 @@
 """On CUDA: the Triton backend's context chunks (prefill, chunked prefill, a draft's context encoding) run
-SDPA's fused kernels, never its math fallback, and equal dense fp32 attention over the same paged cache."""
+SDPA's memory-efficient kernel, not its math fallback, and equal dense fp32 attention over the same paged
+cache."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
+from specray.engine import attention
 from specray.engine.attention import (
     AttentionMetadata,
     TritonAttentionBackend,
@@ -19,12 +21,12 @@ from specray.engine.kv_cache import KVCache, KVCacheSpec
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_prefill_chunks_use_fused_sdpa_and_match_dense(dtype: torch.dtype, head_dim: int) -> None:
+def test_prefill_chunks_use_fused_sdpa_and_match_dense(dtype: torch.dtype, head_dim: int, monkeypatch) -> None:
     hq, hkv, ps = 8, 2, 16
     cache = KVCache(KVCacheSpec(1, hkv, head_dim, ps, dtype), 64, torch.device("cuda"))
     backend = TritonAttentionBackend(cache, hq, 4, 1024)
     g = torch.Generator(device="cuda").manual_seed(0)
-    tables = [list(range(1, 21)), list(range(21, 41))]
+    tables = [list(range(1, 31)), list(range(31, 61))]
     # sequence 0: a 300-token prefix already cached, then a 77-token chunk; sequence 1: a fresh 45-token prompt
     prefix = 300
     kc = torch.randn(prefix, hkv, head_dim, device="cuda", generator=g).to(dtype)
@@ -49,9 +51,9 @@ def test_prefill_chunks_use_fused_sdpa_and_match_dense(dtype: torch.dtype, head_
         seq_lens_cpu=seq_lens, query_start_loc_cpu=qsl, positions=torch.tensor(positions, device="cuda"),
     )
     scale = head_dim**-0.5
-    # only the fused kernels are allowed: a call SDPA could only serve with its math path raises
-    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
-        out = backend.forward(0, q, k, v, meta, scale, None)
+    # the memory-efficient kernel alone: a call it cannot serve (e.g. 3-D inputs) raises instead of falling back
+    monkeypatch.setattr(attention, "PREFILL_SDPA_BACKENDS", [SDPBackend.EFFICIENT_ATTENTION])
+    out = backend.forward(0, q, k, v, meta, scale, None)
     for s in range(2):
         a, b = qsl[s], qsl[s + 1]
         ks, vs = gather_kv(cache, 0, meta.page_tables[s], seq_lens[s])
