@@ -311,7 +311,8 @@ def median_round(rounds: list[dict], key: str, *also: str) -> dict[str, Any]:
 
 
 OVERHEAD_ARMS = ("inprocess_colocated", "inprocess_actor", "distributed_colocated", "distributed_separate",
-                 "distributed_separate_long_spin", "inprocess_1thread", "inprocess_actor_threads")
+                 "distributed_separate_long_spin", "inprocess_1thread", "inprocess_actor_threads",
+                 "distributed_separate_pinned", "distributed_separate_no_spin")
 
 
 def first_divergence(a: list[int], b: list[int]) -> int:
@@ -430,6 +431,13 @@ def main() -> None:
             # the control plane's waits spin 50 ms (longer than any phase: neither side ever sleeps)
             "distributed_separate_long_spin": lambda: run_distributed(
                 dataclasses.replace(separate, control_plane_spin_ms=50.0), prompt, args.tokens, args.ray_address,
+                warm),
+            # each engine process on a physical core of its own (EngineConfig.cpu_affinity "cores")
+            "distributed_separate_pinned": lambda: run_distributed(
+                dataclasses.replace(separate, cpu_affinity="cores"), prompt, args.tokens, args.ray_address, warm),
+            # the control plane's waits never busy-check (yield, then sleep)
+            "distributed_separate_no_spin": lambda: run_distributed(
+                dataclasses.replace(separate, control_plane_spin_ms=0.0), prompt, args.tokens, args.ray_address,
                 warm),
         }
         arms = {k: v for k, v in arms.items() if k == "inprocess_colocated" or k in args.overhead_arms}

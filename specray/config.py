@@ -236,6 +236,10 @@ class EngineConfig:
     # greedy decode steps: launch step N+1 (its input ids the device-side argmax of step N) before the host
     # reads step N's tokens, so scheduling and staging overlap the GPU (vLLM's name); None: on for CUDA
     async_scheduling: bool | None = None
+    # distributed engine: "cores" pins each shard and the draft actor to a physical core of its own (all its
+    # hardware threads), so no two busy host loops share one; "none" leaves placement to the OS. See
+    # specray.actors.affinity
+    cpu_affinity: str = "none"
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, ("auto", "float32", "float16", "bfloat16"))
@@ -257,6 +261,7 @@ class EngineConfig:
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             raise ConfigError(f"async_scheduling must be true, false or null, got {self.async_scheduling!r}")
         _check_choice("tp_fused_sum", self.tp_fused_sum, ("push", "pull"))
+        _check_choice("cpu_affinity", self.cpu_affinity, ("none", "cores"))
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
         _check_choice("attention_backend", self.attention_backend, ("auto", "torch", "triton"))
         object.__setattr__(self, "cuda_graph_batch_sizes", tuple(sorted(set(self.cuda_graph_batch_sizes))))

@@ -39,9 +39,15 @@ class _Member:
 
         return ray.util.get_node_ip_address(), [str(g) for g in ray.get_gpu_ids()]
 
-    def setup_device(self, use_gpu: bool, visible: list[str] | None = None, local_index: int = 0) -> str:
+    def setup_device(self, use_gpu: bool, visible: list[str] | None = None, local_index: int = 0,
+                     pin: int | None = None) -> str:
         """GPU: see `visible` (the node's engine GPUs, so NCCL can use peer links) and use
-        `cuda:local_index`; before anything touches CUDA. CPU: one torch thread per bundle CPU."""
+        `cuda:local_index`; before anything touches CUDA. CPU: one torch thread per bundle CPU.
+        `pin`: this member's index for `EngineConfig.cpu_affinity` "cores" (see `specray.actors.affinity`)."""
+        if pin is not None:
+            from specray.actors.affinity import core_for, physical_cores, pin_process
+
+            pin_process(core_for(pin, physical_cores()))
         if use_gpu:
             if visible:
                 os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible)

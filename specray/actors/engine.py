@@ -95,9 +95,11 @@ class DistributedEngine:
             # GPU: every shard sees the engine's GPUs of its node (STRICT_PACK: one node), in rank order, and
             # uses cuda:<rank>, so NCCL can use peer links between them
             visible = [ids[0] for _, ids in ray.get([m.node_info.remote() for m in self._shards])] if use_gpu else None
-            setups = [s.setup_device.remote(use_gpu, visible, r) for r, s in enumerate(self._shards)]
+            pin = cfg.cpu_affinity == "cores"  # member i (shard ranks, then the draft) on core 1 + i
+            setups = [s.setup_device.remote(use_gpu, visible, r, r if pin else None)
+                      for r, s in enumerate(self._shards)]
             if self._draft is not None:
-                setups.append(self._draft.setup_device.remote(use_gpu))
+                setups.append(self._draft.setup_device.remote(use_gpu, None, 0, tp if pin else None))
             _gather(setups)
             address, port = ray.get(self._shards[0].free_address.remote())
             spin = None if cfg.control_plane_spin_ms is None else cfg.control_plane_spin_ms / 1e3

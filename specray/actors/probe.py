@@ -90,6 +90,7 @@ def probe(device: torch.device) -> dict[str, Any]:
         "threads": threading.active_count(),
         "os_threads": _proc_status("Threads"),
         "cpus_allowed": len(os.sched_getaffinity(0)),
+        "affinity": sorted(os.sched_getaffinity(0))[:8],
         "loadavg_1m": os.getloadavg()[0],
         "switch_interval_s": sys.getswitchinterval(),
         "gc_tracked_objects": len(gc.get_objects()),
