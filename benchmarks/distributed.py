@@ -312,7 +312,7 @@ def median_round(rounds: list[dict], key: str, *also: str) -> dict[str, Any]:
 
 OVERHEAD_ARMS = ("inprocess_colocated", "inprocess_actor", "distributed_colocated", "distributed_separate",
                  "distributed_separate_long_spin", "inprocess_1thread", "inprocess_actor_threads",
-                 "distributed_separate_pinned", "distributed_separate_no_spin")
+                 "distributed_separate_pinned", "distributed_separate_no_spin", "distributed_separate_pinned_no_spin")
 
 
 def first_divergence(a: list[int], b: list[int]) -> int:
@@ -439,6 +439,9 @@ def main() -> None:
             "distributed_separate_no_spin": lambda: run_distributed(
                 dataclasses.replace(separate, control_plane_spin_ms=0.0), prompt, args.tokens, args.ray_address,
                 warm),
+            "distributed_separate_pinned_no_spin": lambda: run_distributed(
+                dataclasses.replace(separate, cpu_affinity="cores", control_plane_spin_ms=0.0), prompt, args.tokens,
+                args.ray_address, warm),
         }
         arms = {k: v for k, v in arms.items() if k == "inprocess_colocated" or k in args.overhead_arms}
         runs: dict[str, list[dict]] = {k: [] for k in arms}
