@@ -312,7 +312,7 @@ def median_round(rounds: list[dict], key: str, *also: str) -> dict[str, Any]:
 
 OVERHEAD_ARMS = ("inprocess_colocated", "inprocess_actor", "distributed_colocated", "distributed_separate",
                  "distributed_separate_long_spin", "inprocess_1thread", "inprocess_actor_threads",
-                 "distributed_separate_pinned", "distributed_separate_no_spin", "distributed_separate_pinned_no_spin")
+                 "distributed_separate_pinned", "distributed_separate_spin_2ms")
 
 
 def first_divergence(a: list[int], b: list[int]) -> int:
@@ -435,13 +435,10 @@ def main() -> None:
             # each engine process on a physical core of its own (EngineConfig.cpu_affinity "cores")
             "distributed_separate_pinned": lambda: run_distributed(
                 dataclasses.replace(separate, cpu_affinity="cores"), prompt, args.tokens, args.ray_address, warm),
-            # the control plane's waits never busy-check (yield, then sleep)
-            "distributed_separate_no_spin": lambda: run_distributed(
-                dataclasses.replace(separate, control_plane_spin_ms=0.0), prompt, args.tokens, args.ray_address,
+            # the draft exchange's waits busy-check 2 ms before sleeping (the GPU default before session 9)
+            "distributed_separate_spin_2ms": lambda: run_distributed(
+                dataclasses.replace(separate, control_plane_spin_ms=2.0), prompt, args.tokens, args.ray_address,
                 warm),
-            "distributed_separate_pinned_no_spin": lambda: run_distributed(
-                dataclasses.replace(separate, cpu_affinity="cores", control_plane_spin_ms=0.0), prompt, args.tokens,
-                args.ray_address, warm),
         }
         arms = {k: v for k, v in arms.items() if k == "inprocess_colocated" or k in args.overhead_arms}
         runs: dict[str, list[dict]] = {k: [] for k in arms}

@@ -230,8 +230,8 @@ class EngineConfig:
     # with the fused all-reduce: MB of the next projection's weight read into L2 while it waits (0: off;
     # experimental, not yet measured on a GPU)
     tp_weight_prefetch_mb: int = 0
-    # control-plane waits (step plans, draft exchange) busy-check this long before sleeping; None: 2 ms on
-    # GPUs, 0 on CPU (spinning waiters starve the gloo shards); see specray.actors.shm_channel
+    # control-plane waits (step plans, draft exchange) busy-check this long before sleeping; None: 2 ms for
+    # step plans on GPUs, else 0 (spinning waiters slow the working side); see specray.actors.world.Layout
     control_plane_spin_ms: float | None = None
     # greedy decode steps: launch step N+1 (its input ids the device-side argmax of step N) before the host
     # reads step N's tokens, so scheduling and staging overlap the GPU (vLLM's name); None: on for CUDA

@@ -8,12 +8,12 @@ and only then publishes it by bumping the write sequence, so a reader never sees
 All processes of an engine sit on one node (the placement group is `STRICT_PACK`), so this replaces a
 gloo object broadcast (two TCP collectives and pickling into tensors: about 1-2 ms per step) with a
 memory copy and a poll (tens of µs). Waiting ends poll: with `spin_s` > 0 they first busy-check for that
-many seconds (GPU engines: each message is seen within a microsecond), then yield, then back off to sleeps
-of 50 µs and 1 ms, so an idle engine costs almost no CPU. The GPU default (2 ms) is shorter than a draft or
-verify phase on purpose: on 2 H200s a 50 ms spin, which never sleeps through the other side's phase, made
-the separate-draft step 0.6 ms slower (3 interleaved rounds, BENCHMARKS.md); a busy waiter takes CPU from the
-process that is working. CPU (gloo) engines use no spin: their shards need every core for compute, and
-spinning waiters starve them and Ray's own daemons.
+many seconds (a GPU engine's step-plan channel: each plan is seen within a microsecond), then yield, then
+back off to sleeps of 50 µs and 1 ms, so an idle engine costs almost no CPU. A busy waiter slows the process
+that is working: on 2 H200s a 50 ms spin made the separate-draft step 0.6 ms slower, and even a 2 ms spin
+cost it 0.43 and 0.57 ms against none (BENCHMARKS.md), so the draft exchange, whose waits span a whole draft
+or verify phase, does not spin by default (`world.Layout.channel_spin_s`). CPU (gloo) engines use no spin
+at all: their shards need every core for compute, and spinning waiters starve them and Ray's own daemons.
 
 Ordering relies on the writer's stores becoming visible in program order (x86-64 TSO: the data before
 the sequence number); the sequence words are 8-byte aligned, so each is written and read whole.

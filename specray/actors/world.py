@@ -31,13 +31,18 @@ class Layout:
     tp_size: int
     separate_draft: bool
     backend: str  # "nccl" | "gloo"
-    spin_s: float | None = None  # control-plane busy wait before sleeping; None: DEFAULT_SPIN_S on nccl, 0 on gloo
+    # control-plane busy wait before sleeping, every channel; None: the defaults of `channel_spin_s`
+    spin_s: float | None = None
 
-    @property
-    def control_spin_s(self) -> float:
+    def channel_spin_s(self, channel: str) -> float:
+        """Busy-check seconds of one channel's waits. Defaults: CPU (gloo) worlds never busy-wait (see
+        shm_channel); on GPUs the step-plan channel does (DEFAULT_SPIN_S: a follower sees each plan at once),
+        the draft exchange does not: its waits span a whole draft or verify phase, and on 2 H200s a waiter
+        spinning through them slowed the working side (the separate-draft step took 0.43 and 0.57 ms longer
+        than without the spin, BENCHMARKS.md)."""
         if self.spin_s is not None:
             return self.spin_s
-        return DEFAULT_SPIN_S if self.backend == "nccl" else 0.0  # CPU worlds: never busy-wait (see shm_channel)
+        return DEFAULT_SPIN_S if self.backend == "nccl" and channel == "plan" else 0.0
 
     @property
     def world_size(self) -> int:
@@ -115,16 +120,17 @@ def _open_channels(world: World, tag: str, every: Any) -> None:
     if layout.separate_draft:
         specs += [("to_draft", 0, [layout.draft_rank]), ("from_draft", layout.draft_rank, [0])]
     made = []
-    spin = layout.control_spin_s
     for attr, writer, readers in specs:
         if rank == writer:
-            chan = ShmChannel.create(channel_path(tag, attr), num_readers=len(readers), spin_s=spin)
+            chan = ShmChannel.create(channel_path(tag, attr), num_readers=len(readers),
+                                     spin_s=layout.channel_spin_s(attr))
             setattr(world, attr, chan)
             made.append(chan)
     dist.barrier(group=every)
     for attr, _, readers in specs:
         if rank in readers:
-            chan = ShmChannel.attach(channel_path(tag, attr), len(readers), readers.index(rank), spin_s=spin)
+            chan = ShmChannel.attach(channel_path(tag, attr), len(readers), readers.index(rank),
+                                     spin_s=layout.channel_spin_s(attr))
             setattr(world, attr, chan)
     dist.barrier(group=every)
     for chan in made:

@@ -27,9 +27,10 @@ if TYPE_CHECKING:
     from specray.models.rope import RotaryEmbedding
 
 # SDPA kernels for the context chunks of the Triton backend. The memory-efficient kernel takes any mask and
-# has no per-shape setup. cuDNN's attention, which SDPA may otherwise pick on Hopper, builds a plan per
-# (queries, keys) shape; a draft's working-set re-encodes change that shape every refresh, so a fresh process
-# paid ~15 ms per refresh (measured on H200, BENCHMARKS.md). Math is the fallback for inputs the kernel rejects.
+# has no per-shape setup. Left free, SDPA picked a backend (on H200, torch 2.11) whose first call at each new
+# (queries, keys) shape took ~40 ms; a draft's working set changes that shape at every refresh, so a fresh
+# draft process paid it over and over (BENCHMARKS.md, session 9). Math is the fallback for inputs the
+# memory-efficient kernel rejects.
 PREFILL_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 

@@ -107,7 +107,7 @@ def test_waiter_spins_for_its_time_then_backs_off(monkeypatch):
 
 def test_spin_config_and_layout_default():
     """`control_plane_spin_ms` and `tp_fused_sum` are validated with a message naming the field; a world's spin is
-    the configured one, else 2 ms with NCCL and none with gloo."""
+    the configured one on every channel, else 2 ms on the NCCL step-plan channel and none elsewhere."""
     from specray.actors.shm_channel import DEFAULT_SPIN_S
     from specray.actors.world import Layout
     from specray.config import EngineConfig
@@ -119,6 +119,8 @@ def test_spin_config_and_layout_default():
     with pytest.raises(ConfigError, match="tp_fused_sum"):
         EngineConfig(tp_fused_sum="scatter")
     assert EngineConfig(control_plane_spin_ms=0).control_plane_spin_ms == 0
-    assert Layout(2, True, "nccl").control_spin_s == DEFAULT_SPIN_S == 0.002
-    assert Layout(2, True, "gloo").control_spin_s == 0.0
-    assert Layout(2, True, "nccl", 0.0).control_spin_s == 0.0
+    nccl, gloo = Layout(2, True, "nccl"), Layout(2, True, "gloo")
+    assert nccl.channel_spin_s("plan") == DEFAULT_SPIN_S == 0.002
+    assert nccl.channel_spin_s("to_draft") == nccl.channel_spin_s("from_draft") == 0.0
+    assert gloo.channel_spin_s("plan") == gloo.channel_spin_s("to_draft") == 0.0
+    assert all(Layout(2, True, "nccl", 0.01).channel_spin_s(c) == 0.01 for c in ("plan", "to_draft", "from_draft"))
