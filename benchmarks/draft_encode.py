@@ -17,28 +17,28 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend
 
-from specray.engine import attention
-from specray.engine.attention import TritonAttentionBackend
-from specray.engine.kv_cache import KVCache, KVCacheSpec, pages_needed
-from specray.engine.model_runner import ModelRunner
-from specray.engine.sampler import Sampler
-from specray.models.arch import ModelArch
-from specray.models.decoder import DecoderLM
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.distributed import llama8b_hf_config  # noqa: E402
+from specray.engine import attention  # noqa: E402
+from specray.engine.attention import TritonAttentionBackend  # noqa: E402
+from specray.engine.kv_cache import KVCache, KVCacheSpec, pages_needed  # noqa: E402
+from specray.engine.model_runner import ModelRunner  # noqa: E402
+from specray.engine.sampler import Sampler  # noqa: E402
+from specray.models.arch import ModelArch  # noqa: E402
+from specray.models.decoder import DecoderLM  # noqa: E402
 
 
-def draft_runner(max_len: int, layers: int, fused: bool) -> ModelRunner:
-    from transformers import LlamaConfig
-
-    hf = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-                     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
-                     rope_theta=500000.0, rms_norm_eps=1e-5)
-    arch = ModelArch.from_hf_config(hf.to_dict())
+def draft_runner(max_len: int, layers: int) -> ModelRunner:
+    """The overhead section's draft shape (`distributed.llama8b_hf_config`), random bf16 weights, fused ops."""
+    arch = ModelArch.from_hf_config(llama8b_hf_config(max_len, layers))
     dev = torch.device("cuda")
     model = DecoderLM.empty(arch, max_len + 1, torch.bfloat16, dev)
     g = torch.Generator(device=dev).manual_seed(0)
@@ -46,10 +46,15 @@ def draft_runner(max_len: int, layers: int, fused: bool) -> ModelRunner:
         for p in model.parameters():
             p.normal_(0.0, 0.02, generator=g)
     model.eval()
-    model.use_fused_ops(fused)
+    model.use_fused_ops(True)
     cache = KVCache(KVCacheSpec.of(arch, 16, torch.bfloat16), 1 + pages_needed(max_len, 16), dev)
     backend = TritonAttentionBackend(cache, arch.num_heads, 1, max_len)
     return ModelRunner(model, cache, backend, Sampler(), max_len)
+
+
+def encode_inputs(n: int) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """Pages, token ids and positions (= cache positions) of one sequence's n-token first chunk."""
+    return [list(range(1, 1 + pages_needed(n, 16)))], [[(7 * i) % 128000 for i in range(n)]], [list(range(n))]
 
 
 def time_encode(runner: ModelRunner, n: int, iters: int, idle_s: float, fresh: bool = False) -> dict[str, float]:
@@ -59,9 +64,7 @@ def time_encode(runner: ModelRunner, n: int, iters: int, idle_s: float, fresh: b
     host, gpu, wall = [], [], []
     for it in range(iters):
         m = n + 1 + it if fresh else n
-        pages = [list(range(1, 1 + pages_needed(m, 16)))]
-        ids = [[(7 * i) % 128000 for i in range(m)]]
-        pos = [list(range(m))]
+        pages, ids, pos = encode_inputs(m)
         torch.cuda.synchronize()
         if idle_s:
             time.sleep(idle_s)
@@ -81,8 +84,7 @@ def time_encode(runner: ModelRunner, n: int, iters: int, idle_s: float, fresh: b
 def profile_tables(runner: ModelRunner, n: int) -> dict[str, str]:
     from torch.profiler import ProfilerActivity, profile
 
-    pages = [list(range(1, 1 + pages_needed(n, 16)))]
-    ids, pos = [[(7 * i) % 128000 for i in range(n)]], [list(range(n))]
+    pages, ids, pos = encode_inputs(n)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
             runner.forward_tokens(pages, ids, pos, pos, [n], logits_rows=[])
@@ -107,7 +109,7 @@ def main() -> None:
               "layers": args.layers, "rows": []}
     pinned = attention.PREFILL_SDPA_BACKENDS
     anyone = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    runner = draft_runner(max(args.tokens) + args.iters + 64, args.layers, True)
+    runner = draft_runner(max(args.tokens) + args.iters + 64, args.layers)
     for sdpa, backends in (("pinned", pinned), ("sdpa_default", anyone)):
         attention.PREFILL_SDPA_BACKENDS = backends
         for n in args.tokens:

@@ -339,19 +339,19 @@ class TritonAttentionBackend:
             return out
         out = torch.empty_like(q)
         qsl = meta.query_start_loc_cpu
-        for s, seq_len in enumerate(meta.seq_lens_cpu):
-            a, b = qsl[s], qsl[s + 1]
-            ks, vs = gather_kv(self.cache, layer, meta.page_tables[s], seq_len)
-            mask = meta.mask_for(s, b - a, seq_len, sliding_window, q.device)
-            group = q.shape[1] // ks.shape[1]  # expand GQA heads: keeps SDPA on its fused kernels
-            ks, vs = ks.repeat_interleave(group, dim=1), vs.repeat_interleave(group, dim=1)
-            # 4-D inputs: SDPA's fused kernels take only those; 3-D ones fall back to its math path, which
-            # upcasts to fp32 and materialises the scores (about 3x the device time of the GEMMs at 1K tokens,
-            # and ~0.4 ms of host ops per layer). The backends are pinned (see PREFILL_SDPA_BACKENDS).
-            with sdpa_kernel(PREFILL_SDPA_BACKENDS):
+        with sdpa_kernel(PREFILL_SDPA_BACKENDS):  # pinned: see PREFILL_SDPA_BACKENDS
+            for s, seq_len in enumerate(meta.seq_lens_cpu):
+                a, b = qsl[s], qsl[s + 1]
+                ks, vs = gather_kv(self.cache, layer, meta.page_tables[s], seq_len)
+                mask = meta.mask_for(s, b - a, seq_len, sliding_window, q.device)
+                group = q.shape[1] // ks.shape[1]  # expand GQA heads: keeps SDPA on its fused kernels
+                ks, vs = ks.repeat_interleave(group, dim=1), vs.repeat_interleave(group, dim=1)
+                # 4-D inputs: SDPA's fused kernels take only those; 3-D ones fall back to its math path, which
+                # upcasts to fp32 and materialises the scores (about 3x the device time of the GEMMs at 1K
+                # tokens, and ~0.4 ms of host ops per layer)
                 o = F.scaled_dot_product_attention(
                     q[a:b].transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
                     attn_mask=mask[None, None], scale=scale,
                 )  # [1, Hq, n_q, D]
-            out[a:b] = o[0].transpose(0, 1)
+                out[a:b] = o[0].transpose(0, 1)
         return out

@@ -199,22 +199,31 @@ class ModelRunner:
             qsl.append(qsl[-1] + len(ts))
         width = max(len(p) for p in pages)
         table = [p + [SCRATCH_PAGE] * (width - len(p)) for p in pages]
-        rows = None if logits_rows is None else list(logits_rows)
-        ids_t, pos_t, slot_t, table_t, lens_t, qsl_t, rows_t = self.upload(
-            flat_ids, flat_pos, slots, [e for row in table for e in row], seq_lens, qsl, rows or [])
-        meta = AttentionMetadata(
-            slot_mapping=slot_t, page_tables=table_t.view(len(table), width).int(), seq_lens=lens_t.int(),
-            query_start_loc=qsl_t.int(), decode_only=all(len(t) == 1 for t in tokens),
-            seq_lens_cpu=list(seq_lens), query_start_loc_cpu=qsl,
-            positions=pos_t, trees=trees, capture_layer=capture_layer,
-        )
+        ids_t, pos_t, rows_t, meta = self._stage(
+            (flat_ids, flat_pos, slots, qsl, seq_lens, table), logits_rows or [], all(len(t) == 1 for t in tokens),
+            trees=trees, capture_layer=capture_layer)
+        meta.positions = pos_t  # the attention masks follow the given positions
         hidden = self.model(ids_t, pos_t, self.backend, meta)
-        if rows is not None and not rows:
+        if logits_rows is not None and not logits_rows:
             vocab = getattr(self.model, "full_arch", self.model.arch).vocab_size  # a TP shard's arch is its slice
             return torch.empty(0, vocab, dtype=torch.float32, device=self.device)
-        if rows is not None:
+        if logits_rows is not None:
             hidden = hidden[rows_t]
         return self.model.compute_logits(hidden)
+
+    def _stage(self, inputs: HostInputs, rows: list[int], decode_only: bool, skip_ids: bool = False,
+               **meta_extra) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Upload an eager step's host inputs (and the token rows `rows`) in one copy; returns the ids [T]
+        (empty with `skip_ids`), positions [T], rows [R] and the step's attention metadata."""
+        ids, positions, slots, qsl, seq_lens, table = inputs
+        ids_t, pos_t, slot_t, table_t, lens_t, qsl_t, rows_t = self.upload(
+            [] if skip_ids else ids, positions, slots, [e for row in table for e in row], seq_lens, qsl, rows)
+        meta = AttentionMetadata(
+            slot_mapping=slot_t, page_tables=table_t.view(len(table), len(table[0]) if table else 0).int(),
+            seq_lens=lens_t.int(), query_start_loc=qsl_t.int(), decode_only=decode_only,
+            seq_lens_cpu=list(seq_lens), query_start_loc_cpu=qsl, **meta_extra,
+        )
+        return ids_t, pos_t, rows_t, meta
 
     def upload(self, *rows: list[int]) -> list[torch.Tensor]:
         """Host int lists -> int64 tensors on the device, one per list. On CUDA they travel as one pinned,
@@ -244,16 +253,9 @@ class ModelRunner:
                   ids_dev: torch.Tensor | None = None) -> torch.Tensor:
         """Eager forward of host inputs; fp32 logits of the last token of each of `sample_rows` (all
         tokens when None). `ids_dev` [T] int64 on the device, if given, replaces `inputs[0]`."""
-        ids, positions, slots, qsl, seq_lens, table = inputs
+        qsl = inputs[3]
         last = [] if sample_rows is None else [qsl[i + 1] - 1 for i in sample_rows]
-        ids_t, pos_t, slot_t, table_t, lens_t, qsl_t, last_t = self.upload(
-            [] if ids_dev is not None else ids, positions, slots, [e for row in table for e in row], seq_lens, qsl,
-            last)
-        meta = AttentionMetadata(
-            slot_mapping=slot_t, page_tables=table_t.view(len(table), len(table[0]) if table else 0).int(),
-            seq_lens=lens_t.int(), query_start_loc=qsl_t.int(), decode_only=decode_only, seq_lens_cpu=seq_lens,
-            query_start_loc_cpu=qsl,
-        )
+        ids_t, pos_t, last_t, meta = self._stage(inputs, last, decode_only, skip_ids=ids_dev is not None)
         hidden = self.model(ids_t if ids_dev is None else ids_dev, pos_t, self.backend, meta)
         if sample_rows is None:
             return self.model.compute_logits(hidden)
