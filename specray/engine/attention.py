@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 # draft process paid it over and over (BENCHMARKS.md, session 9). Math is the fallback for inputs the
 # memory-efficient kernel rejects.
 PREFILL_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# A fresh causal chunk (`AttentionMetadata.fresh_causal`, captured in CUDA graphs once per length bucket, so a
+# per-shape setup is paid at capture only): flash where it takes the dtype, else memory-efficient. Not cuDNN.
+FRESH_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -72,6 +75,10 @@ class AttentionMetadata:
     capture_layer: int | None = None
     # static-shape tree step (CUDA graphs); replaces `trees` and the host copies
     tree_batch: TreeBatch | None = None
+    # one sequence's first T tokens with nothing cached before them (`fresh_graphs`): causal attention over
+    # the step's own k/v, no page gathers, no host copies (CUDA-graph safe); trailing padding sees the real
+    # tokens, never the other way round
+    fresh_causal: bool = False
 
     def mask_for(self, s: int, n_q: int, seq_len: int, window: int | None, device) -> torch.Tensor:
         """[n_q, seq_len] bool visibility of sequence s's keys to its queries."""
@@ -166,6 +173,10 @@ class TorchAttentionBackend:
         write_kv(self.cache, layer, k, v, meta.slot_mapping)
         if meta.capture_layer == layer:
             self.captured_q = q.clone()
+        if meta.fresh_causal:
+            n = q.shape[0]
+            mask = visibility_mask(torch.arange(n, device=q.device), n, sliding_window)
+            return dense_attention(q, k, v, mask, scale).to(q.dtype)
         out = torch.empty_like(q)
         qsl = meta.query_start_loc_cpu
         groups: dict[tuple[int, int], list[int]] = {}  # (seq_len, n_q) -> sequences, batched together
@@ -328,6 +339,8 @@ class TritonAttentionBackend:
             write_kv(self.cache, layer, k, v, meta.slot_mapping)
         if meta.capture_layer == layer:
             self.captured_q = q.clone()
+        if meta.fresh_causal:
+            return fresh_causal_attention(q, k, v, scale)
         if meta.tree_batch is not None:
             return self._hybrid_tree_batched(layer, q, meta, scale)
         if meta.trees is not None and sliding_window is None:
@@ -355,3 +368,14 @@ class TritonAttentionBackend:
                 )  # [1, Hq, n_q, D]
                 out[a:b] = o[0].transpose(0, 1)
         return out
+
+
+def fresh_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal SDPA of one chunk over its own keys. q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    with sdpa_kernel(FRESH_SDPA_BACKENDS):
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], is_causal=True, scale=scale,
+        )  # [1, Hq, T, D]
+    return o[0].transpose(0, 1)

@@ -115,6 +115,13 @@ class DraftModelProposer:
         graphs = engine.device.type == "cuda" and engine.config.cuda_graphs
         graph_sizes = engine.config.graph_batch_sizes() if graphs else ()
         self.runner = ModelRunner(self.model, self.cache, backend, engine.sampler, self.max_ctx, graph_sizes)
+        # CUDA, retrieval: a refresh re-encodes the whole working set (at most budget + 2 chunks) from position 0;
+        # that encode replays a captured graph of its length bucket instead of ~75 eager launches per 2 layers
+        self.fresh = None
+        if graphs and r is not None and not any(w is not None for w in arch.sliding_windows):
+            from specray.engine.fresh_graphs import FreshEncodeGraphs
+
+            self.fresh = FreshEncodeGraphs(self.runner, r.budget_tokens + 2 * r.chunk_size)
         self.chunk = engine.config.scheduler.max_num_batched_tokens
         self.states: dict[str, _DraftState] = {}
         self.num_refreshes = 0  # working-set rebuilds from target chunk scores
@@ -179,7 +186,13 @@ class DraftModelProposer:
         self._ensure_pages(st, len(st.ctx) + self.max_nodes)
 
     def _encode(self, states: list[_DraftState]) -> None:
-        """Encode every state's pending context tokens; one batched forward while they fit the budget."""
+        """Encode every state's pending context tokens: a whole context from position 0 (a refresh) through
+        the fresh-encode graphs when they are there, the rest in batched eager forwards within the budget."""
+        if self.fresh is not None:
+            for st in states:
+                if st.num_encoded == 0 and self.fresh.fits(len(st.ctx)):
+                    self.fresh.run(st.pages, st.ctx)
+                    st.num_encoded = len(st.ctx)
         while True:
             pending = [st for st in states if st.num_encoded < len(st.ctx)]
             if not pending:

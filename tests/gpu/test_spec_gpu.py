@@ -58,4 +58,6 @@ def test_spec_with_verify_graphs_equals_ar(models, name):
     assert engine.spec.verify_graphs is not None
     assert [o.token_ids for o in engine.generate(prompts, params)] == ref
     assert engine.spec.verify_graphs.graphs, "verification never replayed a graph"
+    if name == "draft_retrieval_chain":  # the working-set refreshes replayed the fresh-encode graphs
+        assert engine.spec.proposer.num_refreshes > 0 and engine.spec.proposer.fresh.num_runs > 0
     assert engine.pages_in_use() == 0
