@@ -7,9 +7,14 @@ and only then publishes it by bumping the write sequence, so a reader never sees
 
 All processes of an engine sit on one node (the placement group is `STRICT_PACK`), so this replaces a
 gloo object broadcast (two TCP collectives and pickling into tensors: about 1-2 ms per step) with a
-memory copy and a poll (tens of µs). Waiting ends poll: with `spin_s` > 0 they first busy-check for that
-many seconds (a GPU engine's step-plan channel: each plan is seen within a microsecond), then yield, then
-back off to sleeps of 50 µs and 1 ms, so an idle engine costs almost no CPU. A busy waiter slows the process
+memory copy and a poll (tens of µs). With `spin_s` > 0 a reader first busy-checks for that many seconds
+(a GPU engine's step-plan channel: each plan is seen within a microsecond). Then it sleeps on its doorbell:
+a FIFO next to the ring, one per reader, into which the writer puts a byte after each chunk it publishes.
+The sleeper wakes when the message is there (tens of µs, where a sleep-and-poll back-off wakes up to a
+sleep's length late) and burns no CPU while it waits, so an idle engine costs almost nothing. Bytes left
+from chunks read without sleeping only cause one early wake-up; a full FIFO drops the byte, since one is
+already pending. A writer waiting for a free slot (rare) polls: 1,000 yields, then 50 µs and 1 ms
+sleeps. A busy waiter slows the process
 that is working: on 2 H200s a 50 ms spin made the separate-draft step 0.6 ms slower, and even a 2 ms spin
 cost it 0.43 and 0.57 ms against none (BENCHMARKS.md), so the draft exchange, whose waits span a whole draft
 or verify phase, does not spin by default (`world.Layout.channel_spin_s`). CPU (gloo) engines use no spin
@@ -24,6 +29,7 @@ from __future__ import annotations
 import mmap
 import os
 import pickle
+import select
 import time
 from pathlib import Path
 
@@ -33,18 +39,21 @@ _SLOT_HEADER = 16  # u64 chunk length, u64 1 if it is the message's last chunk
 
 DEFAULT_SPIN_S = 0.002  # GPU worlds: seconds of busy checks before yielding (see the module docstring)
 _CLOCK_EVERY = 256  # busy checks between clock reads
+_BELL_TIMEOUT_S = 0.01  # a doorbell sleep ends after this even without a ring (a deadline is checked then)
 
 
 class _Waiter:
-    """Poll policy of one wait, called once per failed check: busy checks for `spin_s` seconds, then 1,000
-    yields, then 50 µs sleeps, then 1 ms sleeps. `checks` counts the calls."""
+    """Poll policy of one wait, called once per failed check: busy checks for `spin_s` seconds; then, with a
+    doorbell (a reader's FIFO, read end, non-blocking), a sleep until it rings or `_BELL_TIMEOUT_S` passes;
+    without one, 1,000 yields, then 50 µs sleeps, then 1 ms sleeps. `checks` counts the calls."""
 
-    __slots__ = ("checks", "spin_until", "spinning", "slept")
+    __slots__ = ("checks", "spin_until", "spinning", "slept", "bell")
 
-    def __init__(self, spin_s: float):
+    def __init__(self, spin_s: float, bell: int | None = None):
         self.spinning = spin_s > 0
         self.spin_until = time.perf_counter() + spin_s if self.spinning else 0.0
         self.checks = self.slept = 0
+        self.bell = bell
 
     def __call__(self) -> None:
         self.checks += 1
@@ -53,6 +62,13 @@ class _Waiter:
                 return
             self.spinning = False
         self.slept += 1
+        if self.bell is not None:
+            if select.select([self.bell], [], [], _BELL_TIMEOUT_S)[0]:
+                try:
+                    os.read(self.bell, 4096)  # every pending ring: the caller checks the ring itself next
+                except BlockingIOError:
+                    pass
+            return
         if self.slept < 1_000:
             time.sleep(0)
         elif self.slept < 11_000:
@@ -84,8 +100,15 @@ class ShmChannel:
             os.close(fd)
         self._words = memoryview(self._mm).cast("Q")  # u64 view: index = byte offset // 8
         self._seq = 0  # next chunk this end writes or reads
-        if reader is not None:
+        self._bells: list[int] = []  # the writer: each reader's doorbell (FIFO opened read-write: never blocks)
+        self._bell: int | None = None  # a reader: its own doorbell's read end
+        if reader is None:
+            for r in range(num_readers):
+                os.mkfifo(self._bell_path(r), 0o600)
+                self._bells.append(os.open(self._bell_path(r), os.O_RDWR | os.O_NONBLOCK))
+        else:
             self._seq = self._words[self._read_word(reader)]
+            self._bell = os.open(self._bell_path(reader), os.O_RDONLY | os.O_NONBLOCK)
 
     @classmethod
     def create(cls, path: str, num_readers: int, num_slots: int = 8, slot_bytes: int = 1 << 20,
@@ -97,13 +120,29 @@ class ShmChannel:
                spin_s: float = 0.0) -> ShmChannel:
         return cls(path, num_readers, num_slots, slot_bytes, reader, spin_s)
 
+    def _bell_path(self, reader: int) -> str:
+        return f"{self.path}.bell{reader}"
+
     def unlink(self) -> None:
-        """Remove the name; the mappings stay valid (every end attaches before the creator unlinks)."""
+        """Remove the names; the mappings and doorbells stay valid (every end attaches before the creator
+        unlinks)."""
         Path(self.path).unlink(missing_ok=True)
+        for r in range(self.num_readers if self.reader is None else 0):
+            Path(self._bell_path(r)).unlink(missing_ok=True)
 
     def close(self) -> None:
+        for fd in self._bells + ([self._bell] if self._bell is not None else []):
+            os.close(fd)
+        self._bells, self._bell = [], None
         self._words.release()
         self._mm.close()
+
+    def _ring(self) -> None:
+        for fd in self._bells:
+            try:
+                os.write(fd, b"\0")
+            except BlockingIOError:  # full: the reader has rings pending already
+                pass
 
     @staticmethod
     def _read_word(reader: int) -> int:
@@ -131,6 +170,7 @@ class ShmChannel:
             words[off // 8 + 1] = int(c == chunks - 1)
             self._seq = seq + 1
             words[0] = seq + 1  # publish after the data
+            self._ring()
 
     # ---- reader ---------------------------------------------------------------------------------
     def read(self, timeout: float | None = None) -> object:
@@ -144,9 +184,10 @@ class ShmChannel:
             seq = self._seq
             wait = None  # made on the first failed check: no clock read when a message is already there
             while words[0] <= seq:
-                wait = wait or _Waiter(self.spin_s)
+                wait = wait or _Waiter(self.spin_s, self._bell)
                 wait()
-                if deadline is not None and wait.checks % 1024 == 0 and time.monotonic() > deadline:
+                if (deadline is not None and (wait.checks % 1024 == 0 or not wait.spinning)
+                        and time.monotonic() > deadline):
                     raise TimeoutError(f"no message on {self.path} within {timeout} s")
             off = self._data_off + (seq % self.num_slots) * self._slot_stride
             n, last = words[off // 8], words[off // 8 + 1]

@@ -124,3 +124,65 @@ def test_spin_config_and_layout_default():
     assert nccl.channel_spin_s("to_draft") == nccl.channel_spin_s("from_draft") == 0.0
     assert gloo.channel_spin_s("plan") == gloo.channel_spin_s("to_draft") == 0.0
     assert all(Layout(2, True, "nccl", 0.01).channel_spin_s(c) == 0.01 for c in ("plan", "to_draft", "from_draft"))
+
+
+def test_a_waiting_reader_sleeps_on_its_doorbell_and_wakes_on_a_message(monkeypatch):
+    """A reader with no spin blocks on its doorbell: over a 0.4 s wait its thread uses almost no CPU (a
+    sleep-and-poll back-off makes thousands of calls), and the ring wakes it as soon as the message is written
+    (the sleep's own time limit is raised to 5 s here, so only a ring can end it in time)."""
+    import threading
+    import time
+
+    import specray.actors.shm_channel as S
+
+    monkeypatch.setattr(S, "_BELL_TIMEOUT_S", 5.0)
+
+    path = channel_path(f"test{os.getpid()}", "bell")
+    w = ShmChannel.create(path, 1, num_slots=2, slot_bytes=64)
+    r = ShmChannel.attach(path, 1, 0, num_slots=2, slot_bytes=64)
+    w.unlink()
+    assert not os.path.exists(f"{path}.bell0")  # the doorbells' names go with the ring's
+    got: list = []
+
+    def read() -> None:
+        cpu0 = time.thread_time()
+        got.append(r.read(timeout=30))
+        got.append(time.perf_counter())
+        got.append(time.thread_time() - cpu0)
+
+    t = threading.Thread(target=read)
+    t.start()
+    time.sleep(0.4)
+    sent_at = time.perf_counter()
+    w.write(("step", [1, 2, 3]))
+    t.join(timeout=30)
+    msg, woke_at, cpu = got
+    assert msg == ("step", [1, 2, 3])
+    assert woke_at - sent_at < 0.5  # the ring woke it, not the sleep's 5 s limit
+    assert cpu < 0.05, f"the waiting reader used {cpu:.3f} s of CPU in 0.4 s"
+    w.close()
+    r.close()
+
+
+def test_rings_left_unread_neither_block_the_writer_nor_lose_a_message():
+    """70,000 messages read without the reader ever sleeping leave more rings than a FIFO holds (64 KiB):
+    the writer drops the extra ones; the reader's next sleep wakes early once, then waits for the next ring."""
+    import threading
+
+    path = channel_path(f"test{os.getpid()}", "full")
+    w = ShmChannel.create(path, 1, num_slots=4, slot_bytes=64)
+    r = ShmChannel.attach(path, 1, 0, num_slots=4, slot_bytes=64)
+    w.unlink()
+    for i in range(70_000):
+        w.write(i)
+        assert r.read(timeout=5) == i
+    got = []
+    t = threading.Thread(target=lambda: got.append(r.read(timeout=30)))
+    t.start()
+    t.join(timeout=0.3)
+    assert t.is_alive() and not got  # stale rings drained, nothing read that was not sent
+    w.write("last")
+    t.join(timeout=30)
+    assert got == ["last"]
+    w.close()
+    r.close()
