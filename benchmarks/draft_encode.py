@@ -6,7 +6,8 @@ Triton backend, fused ops as the draft runs them): host seconds to queue it, dev
 and the wall time until it is done. Each is measured back to back, after the device has idled for
 `--idle-ms` (a separate draft's GPU idles while the target verifies), and with a token count not seen
 before at every call (a working set after each refresh). Both with the context chunks' SDPA backends
-pinned (`attention.PREFILL_SDPA_BACKENDS`, the engine's setting) and with SDPA free to pick any.
+pinned (`attention.PREFILL_SDPA_BACKENDS`, the eager setting) and with SDPA free to pick any; then as the draft
+runs it now, a replay of the fresh-encode CUDA graph of the length's bucket (`FreshEncodeGraphs`).
 `--profile` adds torch.profiler tables of the top host and device ops.
 
     python3 benchmarks/draft_encode.py --out results/draft-encode --tokens 1088 --profile
@@ -19,6 +20,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.distributed import llama8b_hf_config  # noqa: E402
 from specray.engine import attention  # noqa: E402
 from specray.engine.attention import TritonAttentionBackend  # noqa: E402
+from specray.engine.fresh_graphs import FreshEncodeGraphs  # noqa: E402
 from specray.engine.kv_cache import KVCache, KVCacheSpec, pages_needed  # noqa: E402
 from specray.engine.model_runner import ModelRunner  # noqa: E402
 from specray.engine.sampler import Sampler  # noqa: E402
@@ -57,20 +60,34 @@ def encode_inputs(n: int) -> tuple[list[list[int]], list[list[int]], list[list[i
     return [list(range(1, 1 + pages_needed(n, 16)))], [[(7 * i) % 128000 for i in range(n)]], [list(range(n))]
 
 
-def time_encode(runner: ModelRunner, n: int, iters: int, idle_s: float, fresh: bool = False) -> dict[str, float]:
+def eager_encode(runner: ModelRunner) -> Callable[[int], None]:
+    def encode(m: int) -> None:
+        pages, ids, pos = encode_inputs(m)
+        runner.forward_tokens(pages, ids, pos, pos, [m], logits_rows=[])
+    return encode
+
+
+def graphed_encode(graphs: FreshEncodeGraphs) -> Callable[[int], None]:
+    def encode(m: int) -> None:
+        pages, ids, _ = encode_inputs(m)
+        graphs.run(pages[0], ids[0])
+    return encode
+
+
+def time_encode(encode: Callable[[int], None], n: int, iters: int, idle_s: float,
+                fresh: bool = False) -> dict[str, float]:
     """Median host / device / wall ms of `iters` encodes of n tokens (`fresh`: n + 1, n + 2, ... tokens, a
     shape not seen before each time, as a draft's working set after each refresh)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     host, gpu, wall = [], [], []
     for it in range(iters):
         m = n + 1 + it if fresh else n
-        pages, ids, pos = encode_inputs(m)
         torch.cuda.synchronize()
         if idle_s:
             time.sleep(idle_s)
         t0 = time.perf_counter()
         start.record()
-        runner.forward_tokens(pages, ids, pos, pos, [m], logits_rows=[])
+        encode(m)
         end.record()
         t1 = time.perf_counter()
         end.synchronize()
@@ -113,9 +130,9 @@ def main() -> None:
     for sdpa, backends in (("pinned", pinned), ("sdpa_default", anyone)):
         attention.PREFILL_SDPA_BACKENDS = backends
         for n in args.tokens:
-            time_encode(runner, n, 3, 0.0)  # compile, allocate
+            time_encode(eager_encode(runner), n, 3, 0.0)  # compile, allocate
             for idle, fresh in ((0.0, False), (args.idle_ms / 1e3, False), (0.0, True)):
-                times = time_encode(runner, n, args.iters, idle, fresh)
+                times = time_encode(eager_encode(runner), n, args.iters, idle, fresh)
                 row = {"sdpa": sdpa, "tokens": n, "idle_ms": 1e3 * idle, "fresh_shapes": fresh, **times}
                 result["rows"].append(row)
                 print(json.dumps(row), flush=True)
@@ -123,6 +140,17 @@ def main() -> None:
                 tables = profile_tables(runner, n)
                 (out / f"profile-{sdpa}-{n}.txt").write_text(tables["by_host"] + "\n\n" + tables["by_device"])
     attention.PREFILL_SDPA_BACKENDS = pinned
+    # the draft's refresh as it runs now: a replay of the fresh-encode graph of the length's bucket
+    t0 = time.perf_counter()
+    graphs = FreshEncodeGraphs(runner, max(args.tokens) + args.iters + 1)
+    result["graph_capture_s"] = time.perf_counter() - t0
+    result["graph_buckets"] = len(graphs.sizes)
+    for n in args.tokens:
+        for idle, fresh in ((0.0, False), (args.idle_ms / 1e3, False), (0.0, True)):
+            times = time_encode(graphed_encode(graphs), n, args.iters, idle, fresh)
+            row = {"sdpa": "fresh_graph", "tokens": n, "idle_ms": 1e3 * idle, "fresh_shapes": fresh, **times}
+            result["rows"].append(row)
+            print(json.dumps(row), flush=True)
     (out / "draft_encode.json").write_text(json.dumps(result, indent=2))
 
 
