@@ -44,6 +44,7 @@ class FreshEncodeGraphs:
         self.d = torch.zeros(3, max_tokens, dtype=torch.int64, device=dev)
         self._scratch_slot = SCRATCH_PAGE * runner.page_size
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._metas: dict[int, AttentionMetadata] = {}
         self.num_runs = 0
         self._read = None  # CUDA: recorded after the device copied `h` (it is rewritten only after that)
         if capture:
@@ -57,16 +58,21 @@ class FreshEncodeGraphs:
     def size_for(self, n: int) -> int:
         return next(s for s in self.sizes if s >= n)
 
+    def _meta(self, size: int) -> AttentionMetadata:
+        """The bucket's metadata, built before any capture (a graph cannot copy from pageable host memory)."""
+        if size not in self._metas:
+            dev = self.runner.device
+            self._metas[size] = AttentionMetadata(
+                slot_mapping=self.d[2, :size], page_tables=torch.zeros(1, 1, dtype=torch.int32, device=dev),
+                seq_lens=torch.full((1,), size, dtype=torch.int32, device=dev),
+                query_start_loc=torch.tensor([0, size], dtype=torch.int32, device=dev), decode_only=False,
+                seq_lens_cpu=[], query_start_loc_cpu=[], fresh_causal=True,
+            )
+        return self._metas[size]
+
     def _forward(self, size: int) -> None:
         r = self.runner
-        dev = r.device
-        meta = AttentionMetadata(
-            slot_mapping=self.d[2, :size], page_tables=torch.zeros(1, 1, dtype=torch.int32, device=dev),
-            seq_lens=torch.full((1,), size, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor([0, size], dtype=torch.int32, device=dev), decode_only=False,
-            seq_lens_cpu=[], query_start_loc_cpu=[], fresh_causal=True,
-        )
-        r.model(self.d[0, :size], self.d[1, :size], r.backend, meta)  # [size, hidden], dropped: K/V only
+        r.model(self.d[0, :size], self.d[1, :size], r.backend, self._meta(size))  # [size, hidden], dropped
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
@@ -75,6 +81,7 @@ class FreshEncodeGraphs:
         self.d[2].fill_(self._scratch_slot)  # warm-up and capture write only into the scratch page
         pool = None
         for size in reversed(self.sizes):  # largest first: the smaller graphs reuse its pool
+            self._meta(size)
             self._forward(size)  # warm-up: kernels compiled, workspaces allocated outside the graph
             torch.cuda.synchronize(dev)
             graph = torch.cuda.CUDAGraph()
