@@ -127,15 +127,15 @@ def test_spin_config_and_layout_default():
 
 
 def test_a_waiting_reader_sleeps_on_its_doorbell_and_wakes_on_a_message(monkeypatch):
-    """A reader with no spin blocks on its doorbell: over a 0.4 s wait its thread uses almost no CPU (a
-    sleep-and-poll back-off makes thousands of calls), and the ring wakes it as soon as the message is written
-    (the sleep's own time limit is raised to 5 s here, so only a ring can end it in time)."""
+    """A reader with no spin sleeps on its doorbell: over a 0.4 s wait its thread uses little CPU, and the ring
+    wakes it as soon as the message is written (the long sleeps' limit is raised to 5 s here, so past the
+    short sleeps only a ring can end one in time)."""
     import threading
     import time
 
     import specray.actors.shm_channel as S
 
-    monkeypatch.setattr(S, "_BELL_TIMEOUT_S", 5.0)
+    monkeypatch.setattr(S, "_BELL_LONG_S", 5.0)
 
     path = channel_path(f"test{os.getpid()}", "bell")
     w = ShmChannel.create(path, 1, num_slots=2, slot_bytes=64)
@@ -158,7 +158,7 @@ def test_a_waiting_reader_sleeps_on_its_doorbell_and_wakes_on_a_message(monkeypa
     t.join(timeout=30)
     msg, woke_at, cpu = got
     assert msg == ("step", [1, 2, 3])
-    assert woke_at - sent_at < 0.5  # the ring woke it, not the sleep's 5 s limit
+    assert woke_at - sent_at < 0.5  # the ring woke it, not a long sleep's 5 s limit
     assert cpu < 0.05, f"the waiting reader used {cpu:.3f} s of CPU in 0.4 s"
     w.close()
     r.close()
@@ -186,3 +186,23 @@ def test_rings_left_unread_neither_block_the_writer_nor_lose_a_message():
     assert got == ["last"]
     w.close()
     r.close()
+
+
+def test_doorbell_sleeps_are_short_first_then_long(monkeypatch):
+    """Past its spin, a reader's wait sleeps on the doorbell: `_BELL_SHORT_WAITS` sleeps of 50 µs (a shallow
+    idle state, quick to wake), then 10 ms ones; a ring ends a sleep early and is drained."""
+    import specray.actors.shm_channel as S
+
+    limits: list[float] = []
+    ready = [False]
+    drained: list[int] = []
+    monkeypatch.setattr(S.select, "select", lambda r, w, x, t: (limits.append(t), (r if ready[0] else [], [], []))[1])
+    monkeypatch.setattr(S.os, "read", lambda fd, n: (drained.append(fd), b"\0")[1])
+    wait = S._Waiter(0.0, bell=42)
+    for _ in range(S._BELL_SHORT_WAITS + 3):
+        wait()
+    assert limits == [S._BELL_SHORT_S] * S._BELL_SHORT_WAITS + [S._BELL_LONG_S] * 3
+    assert S._BELL_SHORT_S == 50e-6 and S._BELL_LONG_S == 0.01 and drained == []
+    ready[0] = True
+    wait()
+    assert drained == [42]
