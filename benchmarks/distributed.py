@@ -231,6 +231,8 @@ def run_distributed(cfg, prompt, n, ray_address, warm: list[int], profile_steps:
                     {k: v - a["host"].get(k, 0) for k, v in b["host"].items()}, steps)
             if steps and "busy_s" in b:  # the actor's own work per step; the rest of the leader's wait is exchange
                 row["draft_actor_busy_ms_per_step"] = 1e3 * (b["busy_s"] - a["busy_s"]) / steps
+            if steps and "prepare_s" in b:  # early prepares: done while the leader finished its step
+                row["draft_prepare_ms_per_step"] = 1e3 * (b["prepare_s"] - a["prepare_s"]) / steps
             if steps and "proposer" in b:  # where the actor's work goes (same spans as the in-process proposer)
                 row["draft_parts_ms_per_step"] = {k[:-2]: 1e3 * (v - a["proposer"][k]) / steps
                                                   for k, v in b["proposer"].items()}

@@ -13,11 +13,24 @@ a `RemoteDraftProposer` stub. One round trip per speculative step, over the shar
                                                draft, else (id, None, new tokens, None)
     draft -> leader  (trees, refresh_due)      the DraftTrees; which sequences need chunk scores at the
                                                next commit (every `refresh_every` steps)
-    leader -> draft  ("events", events, None)  when a request ends (release its draft pages now; no reply)
+    leader -> draft  ("events", events, None)  when a request ends (release its draft pages now; no reply);
+                                               without `overlap`, also each commit as soon as the leader has
+                                               it (no reply): see "early prepare" below
     leader -> draft  ("stop", events, None)    shutdown
 
 The draft keeps a mirror of each request's tokens and runs the unchanged `DraftModelProposer` on it, so
-it proposes what an in-process draft would. With `overlap`, right after replying the draft guesses the
+it proposes what an in-process draft would.
+
+Early prepare (without `overlap`): the leader sends each commit the moment it has it (after the retrieval
+scores), not with the next step request. The draft applies it, appends each continuing sequence's new
+tokens (the accepted path and the bonus: what the engine appends unless the request ends, and an ended
+request is released) and runs the proposer's `prepare`: a due retrieval rebuild and the context encode.
+That runs while the leader finishes its step (commit, output processing, the next schedule); the step
+request then finds only the chains to draft. A step request whose tokens extend the prepared ones (a
+plain decode step ran in between) appends the rest; one that does not match drops the sequence's draft
+state, which is rebuilt from its tokens (`stats["prepare_misses"]`; the engine never sends that).
+
+With `overlap`, right after replying the draft guesses the
 step's outcome (the draft's top path fully accepted, the bonus = the draft's argmax after its leaf),
 commits that guess and drafts the next trees while the target verifies. If the next message confirms
 the guess, the trees are sent at once; otherwise the guessed state is rolled back (context, pages and
@@ -88,6 +101,7 @@ class RemoteDraftProposer:
         self.sent: dict[str, int] = {}  # request id -> tokens the draft has seen
         self.events: list[tuple] = []
         self.refresh_due: dict[str, bool] = {}
+        self.early = not engine.config.overlap  # send each commit at once: the draft prepares the next step
         self.timings = {"draft_wait_s": 0.0, "scores_s": 0.0, "num_exchanges": 0}
 
     def propose(self, seqs) -> list[DraftTree]:
@@ -123,6 +137,9 @@ class RemoteDraftProposer:
             scores = {r: c.numpy() for r, c in zip(rids, found, strict=True)}  # numpy: cheap to pickle
             self.timings["scores_s"] += time.perf_counter() - t0
         self.events.append(("commit", [s.request_id for s in seqs], [(r.path, r.bonus) for r in results], scores))
+        if self.early:
+            self.tx.write(("events", self.events, None))
+            self.events = []
 
     def release(self, request_id: str) -> None:
         """Forget a finished or aborted request; the draft frees its pages at once (per request, not per step)."""
@@ -197,7 +214,9 @@ class DraftWorker:
         # steps answered, overlap guesses made and confirmed, and the seconds between reading a step
         # request and writing its reply (the actor's own work: commit, encode, draft, copy the trees out;
         # an overlap guess drafted after the reply is not included)
-        self.stats = {"guesses": 0, "guess_hits": 0, "steps": 0, "busy_s": 0.0}
+        self.stats = {"guesses": 0, "guess_hits": 0, "steps": 0, "busy_s": 0.0, "prepares": 0, "prepare_s": 0.0,
+                      "prepare_misses": 0}
+        self.prepared: dict[str, list[int]] = {}  # request id -> new tokens appended by an early prepare
 
     # ---- one exchange ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -212,6 +231,9 @@ class DraftWorker:
                 return
             if op == "events":  # commits / releases with no step to draft
                 self._step(events, [])
+                if not self.overlap:
+                    self._prepare_early(events)
+                    self.stats["prepare_s"] += time.perf_counter() - t0
                 continue
             if self.guess is not None:  # confirmed: the next trees are ready
                 reply, self.guess = self.guess["reply"], None
@@ -234,6 +256,37 @@ class DraftWorker:
         self.proposer.release(rid)
         self.mirror.pop(rid, None)
         self.trees.pop(rid, None)
+        self.prepared.pop(rid, None)
+
+    def _prepare_early(self, events) -> None:
+        """After a commit: each committed sequence that is still live gets its new tokens and is prepared."""
+        seqs = []
+        for ev in events:
+            if ev[0] != "commit":
+                continue
+            for rid, (path, bonus) in zip(ev[1], ev[2], strict=True):
+                if rid not in self.mirror or rid in self.prepared:
+                    continue
+                new = AcceptResult(list(path), bonus).new_tokens(self.trees[rid])
+                self.mirror[rid].output_ids.extend(new)
+                self.prepared[rid] = new
+                seqs.append(self.mirror[rid])
+        if seqs:
+            self.proposer.prepare(seqs)
+            self.stats["prepares"] += 1
+
+    def _take_prepared(self, rid: str, tokens: list[int]) -> list[int]:
+        """A step request's new tokens for a sequence, less those an early prepare appended already."""
+        new = self.prepared.pop(rid, None)
+        if new is None:
+            return tokens
+        if tokens[: len(new)] == new:
+            return tokens[len(new):]
+        # not the tokens the commit implied: forget the prepared state; the draft state is rebuilt
+        self.stats["prepare_misses"] += 1
+        del self.mirror[rid].output_ids[len(self.mirror[rid].output_ids) - len(new):]
+        self.proposer.release(rid)
+        return tokens
 
     def _commit(self, rids: list[str], results: list[AcceptResult], scores: dict) -> None:
         seqs = [self.mirror[r] for r in rids]
@@ -250,12 +303,13 @@ class DraftWorker:
         seqs = []
         for rid, prompt, tokens, params in batch:
             if prompt is not None:
+                self.prepared.pop(rid, None)
                 gen = None
                 if params.seed is not None:
                     gen = torch.Generator(device=self.view.device).manual_seed(params.seed)
                 self.mirror[rid] = MirrorSeq(rid, list(prompt), list(tokens), params, gen)
             else:
-                self.mirror[rid].output_ids.extend(tokens)
+                self.mirror[rid].output_ids.extend(self._take_prepared(rid, list(tokens)))
             seqs.append(self.mirror[rid])
         return self._propose(seqs)
 

@@ -133,6 +133,7 @@ class DraftModelProposer:
         if engine.device.type == "cuda":
             self._encode_events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             self.timings["encode_gpu_s"] = 0.0
+        self._encoded = False  # an encode was recorded between the events and not counted yet
 
     # ---- memory ----------------------------------------------------------------------------------
     def kv_bytes(self) -> int:
@@ -250,7 +251,11 @@ class DraftModelProposer:
 
     # ---- Proposer protocol -----------------------------------------------------------------------
     @torch.inference_mode()
-    def propose(self, seqs: list[Sequence]) -> list[DraftTree]:
+    def prepare(self, seqs: list[Sequence]) -> list[_DraftState]:
+        """Everything of `propose` before drafting: each sequence's draft state made or refreshed (a retrieval
+        rebuild), caught up with its committed tokens and encoded. Idempotent: `propose` calls it again, and a
+        prepared sequence then has nothing left to do (a separate draft prepares as soon as the target's
+        commit arrives, while the target finishes its step)."""
         states = []
         for seq in seqs:
             target = seq.prompt_ids + seq.output_ids
@@ -264,14 +269,21 @@ class DraftModelProposer:
             self._catch_up(st, target)
             st.expanded = {}
             states.append(st)
-        t0 = time.perf_counter()
-        if self._encode_events is not None:
-            self._encode_events[0].record()
-        self._encode(states)
-        if self._encode_events is not None:
-            self._encode_events[1].record()
+        if any(st.num_encoded < len(st.ctx) for st in states):
+            t0 = time.perf_counter()
+            if self._encode_events is not None:
+                self._encode_events[0].record()
+            self._encode(states)
+            if self._encode_events is not None:
+                self._encode_events[1].record()
+                self._encoded = True
+            self.timings["encode_s"] += time.perf_counter() - t0
+        return states
+
+    @torch.inference_mode()
+    def propose(self, seqs: list[Sequence]) -> list[DraftTree]:
+        states = self.prepare(seqs)
         t1 = time.perf_counter()
-        self.timings["encode_s"] += t1 - t0
         if self.cfg.tree.kind == "chain":
             trees = self._chains(seqs, states)
             self.timings["chains_s"] += time.perf_counter() - t1
@@ -293,9 +305,10 @@ class DraftModelProposer:
         return trees
 
     def _count_encode_gpu(self) -> None:
-        """Add the device time of this step's context encoding (its kernels have run: drafting read tokens
-        back to the host since) to `timings["encode_gpu_s"]`."""
-        if self._encode_events is not None:
+        """Add the device time of the context encoding since the last count (its kernels have run: drafting
+        read tokens back to the host since) to `timings["encode_gpu_s"]`."""
+        if self._encode_events is not None and self._encoded:
+            self._encoded = False
             self._encode_events[1].synchronize()
             self.timings["encode_gpu_s"] += 1e-3 * self._encode_events[0].elapsed_time(self._encode_events[1])
 

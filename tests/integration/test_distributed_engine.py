@@ -81,6 +81,9 @@ def _check_spec_run(engine: DistributedEngine, outs) -> None:
     stats = engine.stats()
     assert stats["spec"]["num_drafts"] > 0
     assert stats["draft"]["num_refreshes"] > 0  # draft working sets rebuilt from the target's chunk scores
+    if "guesses" in stats["draft"] and not engine.config.overlap:
+        # each commit reached the draft before the next step request, which found its tokens prepared
+        assert stats["draft"]["prepares"] > 0 and stats["draft"]["prepare_misses"] == 0
     deadline = time.monotonic() + 5
     while stats["draft"]["kv_bytes"] and time.monotonic() < deadline:  # the release message is in flight
         time.sleep(0.05)
