@@ -20,6 +20,7 @@ import torch
 from specray.engine.attention import AttentionMetadata
 from specray.engine.kv_cache import SCRATCH_PAGE
 from specray.engine.model_runner import ModelRunner
+from specray.models.arch import ModelArch
 
 
 def bucket_sizes(max_tokens: int, step: int) -> tuple[int, ...]:
@@ -30,9 +31,13 @@ def bucket_sizes(max_tokens: int, step: int) -> tuple[int, ...]:
 
 
 class FreshEncodeGraphs:
+    @staticmethod
+    def supports(arch: ModelArch) -> bool:
+        """Whether a model can use them: attention is causal over the whole chunk, so no sliding windows."""
+        return all(w is None for w in arch.sliding_windows)
+
     def __init__(self, runner: ModelRunner, max_tokens: int, step: int = 64, capture: bool = True):
-        arch = runner.model.arch
-        if any(w is not None for w in arch.sliding_windows):
+        if not self.supports(runner.model.arch):
             raise ValueError("fresh-encode graphs attend causally over the whole chunk: no sliding windows")
         self.runner = runner
         self.sizes = bucket_sizes(max_tokens, step)

@@ -118,10 +118,11 @@ class DraftModelProposer:
         # CUDA, retrieval: a refresh re-encodes the whole working set (at most budget + 2 chunks) from position 0;
         # that encode replays a captured graph of its length bucket instead of ~75 eager launches per 2 layers
         self.fresh = None
-        if graphs and r is not None and not any(w is not None for w in arch.sliding_windows):
+        if graphs and r is not None:
             from specray.engine.fresh_graphs import FreshEncodeGraphs
 
-            self.fresh = FreshEncodeGraphs(self.runner, r.budget_tokens + 2 * r.chunk_size)
+            if FreshEncodeGraphs.supports(arch):
+                self.fresh = FreshEncodeGraphs(self.runner, r.budget_tokens + 2 * r.chunk_size)
         self.chunk = engine.config.scheduler.max_num_batched_tokens
         self.states: dict[str, _DraftState] = {}
         self.num_refreshes = 0  # working-set rebuilds from target chunk scores
