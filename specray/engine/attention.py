@@ -357,25 +357,25 @@ class TritonAttentionBackend:
                 a, b = qsl[s], qsl[s + 1]
                 ks, vs = gather_kv(self.cache, layer, meta.page_tables[s], seq_len)
                 mask = meta.mask_for(s, b - a, seq_len, sliding_window, q.device)
-                group = q.shape[1] // ks.shape[1]  # expand GQA heads: keeps SDPA on its fused kernels
-                ks, vs = ks.repeat_interleave(group, dim=1), vs.repeat_interleave(group, dim=1)
-                # 4-D inputs: SDPA's fused kernels take only those; 3-D ones fall back to its math path, which
-                # upcasts to fp32 and materialises the scores (about 3x the device time of the GEMMs at 1K
-                # tokens, and ~0.4 ms of host ops per layer)
-                o = F.scaled_dot_product_attention(
-                    q[a:b].transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
-                    attn_mask=mask[None, None], scale=scale,
-                )  # [1, Hq, n_q, D]
-                out[a:b] = o[0].transpose(0, 1)
+                out[a:b] = sdpa_tokens(q[a:b], ks, vs, scale, attn_mask=mask[None, None])
         return out
+
+
+def sdpa_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, **sdpa_kw) -> torch.Tensor:
+    """SDPA of token-major tensors, q [n_q, Hq, D] over k/v [L, Hkv, D] -> [n_q, Hq, D]. The GQA heads are
+    expanded (keeps SDPA on its fused kernels) and the inputs made 4-D: SDPA's fused kernels take only those;
+    3-D ones fall back to its math path, which upcasts to fp32 and materialises the scores (about 3x the
+    device time of the GEMMs at 1K tokens, and ~0.4 ms of host ops per layer). `sdpa_kw`: `attn_mask`
+    ([1, 1, n_q, L]) or `is_causal`. The caller picks the backends (`sdpa_kernel`)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale=scale, **sdpa_kw,
+    )  # [1, Hq, n_q, D]
+    return o[0].transpose(0, 1)
 
 
 def fresh_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal SDPA of one chunk over its own keys. q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     with sdpa_kernel(FRESH_SDPA_BACKENDS):
-        o = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], is_causal=True, scale=scale,
-        )  # [1, Hq, T, D]
-    return o[0].transpose(0, 1)
+        return sdpa_tokens(q, k, v, scale, is_causal=True)
