@@ -49,6 +49,7 @@ from specray.actors import world as W
 from specray.config import EngineConfig, SpeculativeConfig
 from specray.engine.sampler import Sampler, first_argmax
 from specray.engine.sampling_params import SamplingParams
+from specray.engine.sequence import Sequence
 from specray.models.arch import ModelArch
 from specray.spec.draft_model import DraftModelProposer, _path
 from specray.spec.step import forward_tree_nodes
@@ -180,6 +181,8 @@ class MirrorSeq:
     output_ids: list[int]
     params: SamplingParams
     generator: torch.Generator | None = None
+
+    token_slice = Sequence.token_slice  # tokens [start, end) of prompt + outputs, without joining them
 
 
 @dataclass

@@ -179,11 +179,11 @@ class DraftModelProposer:
         st.chunk_scores = None
         self.timings["rebuild_s"] += time.perf_counter() - t0
 
-    def _catch_up(self, st: _DraftState, target: list[int]) -> None:
+    def _catch_up(self, seq: Sequence, st: _DraftState) -> None:
         """Append the target's new committed tokens to the draft context (encoded later, batched)."""
-        n_ctx = len(target) - 1
+        n_ctx = len(seq.prompt_ids) + len(seq.output_ids) - 1
         if st.covered < n_ctx:
-            st.ctx.extend(target[st.covered : n_ctx])
+            st.ctx.extend(seq.token_slice(st.covered, n_ctx))
             st.covered = n_ctx
         self._ensure_pages(st, len(st.ctx) + self.max_nodes)
 
@@ -283,15 +283,14 @@ class DraftModelProposer:
         commit arrives, while the target finishes its step)."""
         states = []
         for seq in seqs:
-            target = seq.prompt_ids + seq.output_ids
             st = self.states.get(seq.request_id)
             if st is None:
                 st = self.states[seq.request_id] = _DraftState()
                 if self.retrieval is not None:
-                    self._rebuild(seq, st, target)
+                    self._rebuild(seq, st, seq.prompt_ids + seq.output_ids)
             elif self.retrieval is not None and st.chunk_scores is not None:
-                self._rebuild(seq, st, target)
-            self._catch_up(st, target)
+                self._rebuild(seq, st, seq.prompt_ids + seq.output_ids)
+            self._catch_up(seq, st)  # slices only the new tokens: no copy of the whole context per call
             st.expanded = {}
             states.append(st)
         if any(st.num_encoded < len(st.ctx) for st in states):
