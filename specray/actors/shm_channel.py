@@ -12,14 +12,13 @@ memory copy and a poll (tens of µs). With `spin_s` > 0 a reader first busy-chec
 a FIFO next to the ring, one per reader, into which the writer puts a byte after each chunk it publishes.
 The sleeper wakes when the message is there, where a sleep-and-poll back-off wakes up to a sleep's
 length late. Its first sleeps are short (50 µs; see `_BELL_SHORT_S`), later ones long, so an idle engine
-costs almost no CPU. Bytes left
-from chunks read without sleeping only cause one early wake-up; a full FIFO drops the byte, since one is
-already pending. A writer waiting for a free slot (rare) polls: 1,000 yields, then 50 µs and 1 ms
-sleeps. A busy waiter slows the process
-that is working: on 2 H200s a 50 ms spin made the separate-draft step 0.6 ms slower, and even a 2 ms spin
-cost it 0.43 and 0.57 ms against none (BENCHMARKS.md), so the draft exchange, whose waits span a whole draft
-or verify phase, does not spin by default (`world.Layout.channel_spin_s`). CPU (gloo) engines use no spin
-at all: their shards need every core for compute, and spinning waiters starve them and Ray's own daemons.
+costs almost no CPU. Bytes left from chunks read without sleeping only cause one early wake-up; a full
+FIFO drops the byte, since one is already pending. A writer waiting for a free slot (rare) polls: 1,000
+yields, then 50 µs and 1 ms sleeps. A busy waiter slows the process that is working: on 2 H200s a 50 ms
+spin made the separate-draft step 0.6 ms slower, and even a 2 ms spin cost it 0.43 and 0.57 ms against
+none (BENCHMARKS.md), so the draft exchange, whose waits span a whole draft or verify phase, does not spin
+by default (`world.Layout.channel_spin_s`). CPU (gloo) engines use no spin at all: their shards need every
+core for compute, and spinning waiters starve them and Ray's own daemons.
 
 Ordering relies on the writer's stores becoming visible in program order (x86-64 TSO: the data before
 the sequence number); the sequence words are 8-byte aligned, so each is written and read whole.
